@@ -1,0 +1,92 @@
+"""The one typed configuration of a run; the flow's parameters map onto it one-to-one."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+STAGES = ("demo", "extract", "split", "train", "evaluate", "embed", "featuremaps", "explain", "report")
+Stage = Literal["demo", "extract", "split", "train", "evaluate", "embed", "featuremaps", "explain", "report"]
+DEMO_ROOT = "data/demo"
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work; the message names the option."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    # data
+    data: str | None = None
+    images: str | None = None
+    out: str = "artifacts"
+    until: Stage = "report"
+    demo_identities: int = 156
+    # sampling and split
+    per_class: int = 200
+    seed: int = 0
+    split_by: Literal["identity", "image"] = "identity"
+    val_frac: float = 0.2
+    test_frac: float = 0.0
+    # training (the reference's settings)
+    backbone: str = "convnext_tiny"
+    weights: str = "auto"
+    epochs: int = 5
+    batch_size: int = 32
+    lr: float = 1e-4
+    image_size: int = 224
+    device: str = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    channels_last: Literal["auto", "on", "off"] = "auto"
+    workers: int = 0
+    # evaluation, embedding, explanation
+    eval_batch_size: int = 64
+    tsne_perplexity: float = 30.0
+    feature_layers: str = "features.0,features.5,features.-1"
+    feature_images: int = 9
+    feature_channels: int = 8
+    cam_layer: str = "features.-1"
+    explain_classes: str = "10s,60s"
+    explain_images: int = 2
+    sanity_check: bool = True
+
+    def __post_init__(self):
+        checks = [
+            (self.until in STAGES, f"--until must be one of {', '.join(STAGES)}, not {self.until!r}"),
+            (self.per_class >= 1, f"--per-class must be at least 1, not {self.per_class}"),
+            (self.split_by in ("identity", "image"), f"--split-by must be identity or image, not {self.split_by!r}"),
+            (0 < self.val_frac < 1, f"--val-frac must lie strictly between 0 and 1, not {self.val_frac}"),
+            (0 <= self.test_frac < 1, f"--test-frac must lie in [0, 1), not {self.test_frac}"),
+            (self.val_frac + self.test_frac < 1,
+             f"--val-frac + --test-frac must leave images to train on, not {self.val_frac + self.test_frac}"),
+            (self.demo_identities >= 6, "demo_identities must be at least 6 (one per decade)"),
+            (self.epochs >= 1, f"--epochs must be at least 1, not {self.epochs}"),
+            (self.batch_size >= 1, f"--batch-size must be at least 1, not {self.batch_size}"),
+            (self.lr > 0, f"--lr must be positive, not {self.lr}"),
+            (self.image_size >= 16, f"--image-size must be at least 16, not {self.image_size}"),
+            (self.precision in ("auto", "fp32", "bf16"), f"--precision must be auto, fp32 or bf16, not {self.precision!r}"),
+            (self.channels_last in ("auto", "on", "off"), f"--channels-last must be auto, on or off, not {self.channels_last!r}"),
+            (self.workers >= 0, f"--workers must be 0 or more, not {self.workers}"),
+            (self.eval_batch_size >= 1, f"--eval-batch-size must be at least 1, not {self.eval_batch_size}"),
+            (self.tsne_perplexity > 0, f"--tsne-perplexity must be positive, not {self.tsne_perplexity}"),
+            (self.feature_images >= 1 and self.feature_channels >= 1, "--feature-images and --feature-channels must be at least 1"),
+            (self.explain_images >= 1, f"--explain-images must be at least 1, not {self.explain_images}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+    @property
+    def uses_demo(self) -> bool:
+        return self.data is None
+
+    def runs(self, stage: str) -> bool:
+        """Whether `stage` comes no later than `until`."""
+        return STAGES.index(stage) <= STAGES.index(self.until)
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}

@@ -1,0 +1,124 @@
+"""Stage 2: stratified sample per class, then a train/val(/test) split by identity."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from prefect import get_run_logger, task
+from sklearn.model_selection import train_test_split
+
+from tasks.stage import StageKey, current_stage_dir, stage_output, write_json
+
+SPLITS = ("train", "val", "test")
+
+
+def sample_per_class(table: pd.DataFrame, per_class: int, seed: int) -> tuple[pd.DataFrame, list[str]]:
+    """`per_class` rows of each label, chosen by `seed`; a smaller class keeps all rows."""
+    table = table.sort_values("path", kind="stable").reset_index(drop=True)  # input order must not matter
+    rng = np.random.default_rng(seed)
+    picked, warnings = [], []
+    for label, rows in table.groupby("class_index", sort=True):
+        name = rows["label"].iloc[0]
+        if len(rows) < per_class:
+            warnings.append(f"class {name} has {len(rows)} images, fewer than per_class={per_class}: keeping all")
+            picked.append(rows)
+        else:
+            picked.append(rows.iloc[np.sort(rng.choice(len(rows), per_class, replace=False))])
+    return pd.concat(picked, ignore_index=True), warnings
+
+
+def split_fractions(val_frac: float, test_frac: float) -> dict[str, float]:
+    return {"train": 1.0 - val_frac - test_frac, "val": val_frac, "test": test_frac}
+
+
+def assign_by_identity(table: pd.DataFrame, fractions: dict[str, float], seed: int) -> np.ndarray:
+    """Split label per row such that every identity lies in exactly one split and each
+    class is divided close to `fractions`.
+
+    Written here because scikit-learn's StratifiedGroupKFold only makes 1/k folds and
+    GroupShuffleSplit ignores the classes. Greedy, largest identities first: each goes
+    to the split whose per-class shortfall it fills best.
+    """
+    splits = [s for s in SPLITS if fractions[s] > 0]
+    groups, group_of_row = np.unique(table["identity"].to_numpy(), return_inverse=True)
+    n_classes = int(table["class_index"].max()) + 1
+    counts = np.zeros((len(groups), n_classes))
+    np.add.at(counts, (group_of_row, table["class_index"].to_numpy()), 1)
+    class_total = counts.sum(0)
+    target = np.array([[fractions[s]] for s in splits]) * class_total
+    filled = np.zeros_like(target)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(groups))
+    order = order[np.argsort(-counts[order].sum(1), kind="stable")]
+    split_of_group = np.empty(len(groups), dtype=int)
+    weight = 1.0 / np.maximum(class_total, 1)
+    for g in order:
+        v = counts[g]
+        cost = ((2 * (filled - target) + v) * v * weight).sum(1)
+        best = int(np.argmin(cost))
+        split_of_group[g] = best
+        filled[best] += v
+    return np.array(splits)[split_of_group[group_of_row]]
+
+
+def assign_by_image(table: pd.DataFrame, fractions: dict[str, float], seed: int) -> np.ndarray:
+    """The reference's split: images shuffled per class, ignoring who is in them."""
+    result = np.full(len(table), "train", dtype=object)
+    rest = np.arange(len(table))
+    labels = table["class_index"].to_numpy()
+    remaining = 1.0
+    for name in ("test", "val"):
+        if fractions[name] > 0:
+            rest, held = train_test_split(rest, test_size=fractions[name] / remaining,
+                                          stratify=labels[rest], random_state=seed)
+            result[held] = name
+            remaining -= fractions[name]
+    return result.astype(str)
+
+
+def split_summary(manifest: pd.DataFrame, classes: list[str]) -> dict:
+    per_split = {
+        split: {c: int(n) for c, n in rows["label"].value_counts().reindex(classes, fill_value=0).items()}
+        for split, rows in manifest.groupby("split", sort=False)
+    }
+    splits_per_identity = manifest.groupby("identity")["split"].nunique()
+    return {
+        "images": int(len(manifest)),
+        "per_class_per_split": {s: per_split[s] for s in SPLITS if s in per_split},
+        "identities_per_split": {s: int(manifest.loc[manifest["split"] == s, "identity"].nunique())
+                                 for s in SPLITS if s in per_split},
+        "shared_identities": int((splits_per_identity > 1).sum()),
+    }
+
+
+def make_manifest(table: pd.DataFrame, classes: list[str], per_class: int, seed: int, split_by: str,
+                  val_frac: float, test_frac: float) -> tuple[pd.DataFrame, dict]:
+    sampled, warnings = sample_per_class(table, per_class, seed)
+    fractions = split_fractions(val_frac, test_frac)
+    assign = assign_by_identity if split_by == "identity" else assign_by_image
+    sampled["split"] = assign(sampled, fractions, seed)
+    summary = split_summary(sampled, classes)
+    summary.update(split_by=split_by, warnings=warnings)
+    return sampled, summary
+
+
+@task(name="split", cache_key_fn=StageKey("split", ("tasks.split",)), persist_result=True,
+      result_serializer="json")
+def split_dataset(metadata: dict, per_class: int, seed: int, split_by: str, val_frac: float,
+                  test_frac: float, out: str) -> dict:
+    """Sample and split; write `manifest.parquet` (every sampled image and its split)."""
+    log = get_run_logger()
+    table = pd.read_parquet(metadata["outputs"]["metadata"]["path"])
+    classes = metadata["summary"]["classes"]
+    manifest, summary = make_manifest(table, classes, per_class, seed, split_by, val_frac, test_frac)
+    for warning in summary["warnings"]:
+        log.warning(warning)
+    log.info("split %d images by %s: %s; identities shared between splits: %d", summary["images"], split_by,
+             {s: sum(c.values()) for s, c in summary["per_class_per_split"].items()}, summary["shared_identities"])
+    with stage_output(current_stage_dir()) as out_dir:
+        manifest.to_parquet(out_dir.path("manifest.parquet"), index=False)
+        write_json(out_dir.path("summary.json"), summary)
+        write_json(out_dir.path("config.json"), {"per_class": per_class, "seed": seed, "split_by": split_by,
+                                                 "val_frac": val_frac, "test_frac": test_frac})
+        return {"summary": summary, "outputs": {"manifest": out_dir.handle("manifest.parquet")},
+                "classes": classes, "image_root": metadata["image_root"], "dir": str(out_dir.final)}

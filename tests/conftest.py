@@ -1,0 +1,77 @@
+"""Shared fixtures: an isolated Prefect backend and small generated datasets."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+from tasks.demo import DemoSpec, plan_demo, write_demo  # noqa: E402
+
+REAL_META = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cacd" / "celebrity2000_meta.mat"
+SMALL = DemoSpec(identities=24, images_per_identity=6, seed=3)
+
+
+@pytest.fixture(scope="session")
+def prefect_backend():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
+def small_cacd_master(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("cacd-master")
+    write_demo(root, SMALL)
+    return root
+
+
+@pytest.fixture
+def small_cacd(small_cacd_master, tmp_path) -> Path:
+    """A private copy of a 144-image CACD-format dataset (v5 .mat + CACD2000/)."""
+    import shutil
+
+    root = tmp_path / "cacd"
+    shutil.copytree(small_cacd_master, root)
+    return root
+
+
+def write_mat_v73(path: Path, rows: list[dict]) -> None:
+    """A MATLAB v7.3 file the way MATLAB writes one: HDF5 behind a 512-byte header,
+    numbers as doubles, strings as uint16 (UTF-16) arrays behind object references."""
+    header = b"MATLAB 7.3 MAT-file, Platform: GLNXA64, Created by: agelens tests HDF5 schema 1.00 ."
+    with h5py.File(path, "w", userblock_size=512) as h5:
+        refs = h5.create_group("#refs#")
+        counter = iter(range(10**9))
+
+        def strings(values):
+            out = np.empty((1, len(values)), dtype=h5py.ref_dtype)
+            for i, text in enumerate(values):
+                ds = refs.create_dataset(f"s{next(counter)}", data=np.frombuffer(text.encode("utf-16-le"), "<u2")[:, None])
+                ds.attrs["MATLAB_class"] = np.bytes_("char")
+                out[0, i] = ds.ref
+            return out
+
+        images = h5.create_group("celebrityImageData")
+        for field in ("age", "identity", "year", "rank", "lfw", "birth"):
+            images.create_dataset(field, data=np.array([[r[field] for r in rows]], dtype=np.float64))
+        images.create_dataset("feature", data=np.zeros((0, 0)))
+        images.create_dataset("name", data=strings([r["file"] for r in rows]))
+        people = {r["identity"]: r["name"] for r in rows}
+        celebs = h5.create_group("celebrityData")
+        celebs.create_dataset("identity", data=np.array([list(people)], dtype=np.float64))
+        celebs.create_dataset("name", data=strings(list(people.values())))
+    with open(path, "r+b") as handle:
+        handle.write(header.ljust(116, b" ") + b"\x00" * 8 + b"\x00\x02IM")
+
+
+@pytest.fixture
+def small_rows():
+    return plan_demo(SMALL)
