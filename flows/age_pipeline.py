@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from prefect import flow, get_run_logger
 
@@ -42,7 +43,7 @@ def age_pipeline(
     until: Stage = "report",
     per_class: int = 200,
     seed: int = 0,
-    split_by: str = "identity",
+    split_by: Literal["identity", "image"] = "identity",
     val_frac: float = 0.2,
     test_frac: float = 0.0,
 ) -> dict:

@@ -1,0 +1,61 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from tasks.extract import validate
+from tasks.split import make_manifest
+
+CLASSES = ["10s", "20s", "30s", "40s", "50s", "60s"]
+
+
+@pytest.fixture(scope="module")
+def table():
+    """600 images of 60 people; each person spans two neighbouring decades."""
+    rng = np.random.default_rng(1)
+    rows = []
+    for person in range(60):
+        start = 14 + (person % 6) * 9
+        for k in range(10):
+            rows.append({"path": f"p{person}_{k}.jpg", "age": int(start + rng.integers(0, 9)), "identity": person})
+    raw = pd.DataFrame(rows)
+    kept, _ = validate(raw, set(raw["path"]))
+    return kept
+
+
+def test_identity_split_is_disjoint_stratified_and_deterministic(table):
+    manifest, summary = make_manifest(table, CLASSES, per_class=60, seed=7, split_by="identity",
+                                      val_frac=0.2, test_frac=0.0)
+    again, _ = make_manifest(table.sample(frac=1, random_state=3), CLASSES, 60, 7, "identity", 0.2, 0.0)
+    pd.testing.assert_frame_equal(manifest, again)
+    assert manifest.groupby("identity")["split"].nunique().max() == 1
+    assert summary["shared_identities"] == 0
+    per_class = pd.crosstab(manifest["label"], manifest["split"])
+    assert (per_class.sum(axis=1) <= 60).all()
+    val_share = per_class["val"] / per_class.sum(axis=1)
+    assert val_share.between(0.05, 0.4).all(), val_share  # whole people move, so only roughly 20%
+    assert abs(per_class["val"].sum() / len(manifest) - 0.2) < 0.05
+    assert summary["per_class_per_split"]["val"] == per_class["val"].reindex(CLASSES, fill_value=0).to_dict()
+
+
+def test_other_seed_gives_other_sample(table):
+    a, _ = make_manifest(table, CLASSES, 40, 1, "identity", 0.2, 0.0)
+    b, _ = make_manifest(table, CLASSES, 40, 2, "identity", 0.2, 0.0)
+    assert set(a["path"]) != set(b["path"])
+
+
+def test_small_class_keeps_all_and_warns(table):
+    counts = table["label"].value_counts()
+    manifest, summary = make_manifest(table, CLASSES, per_class=int(counts.max()), seed=0, split_by="identity",
+                                      val_frac=0.2, test_frac=0.0)
+    assert len(manifest) == len(table)
+    smaller = [c for c in CLASSES if counts[c] < counts.max()]
+    assert len(summary["warnings"]) == len(smaller) and all("keeping all" in w for w in summary["warnings"])
+
+
+def test_image_split_reproduces_reference_leak_and_test_fraction(table):
+    manifest, summary = make_manifest(table, CLASSES, 60, 0, "image", val_frac=0.2, test_frac=0.1)
+    shares = manifest["split"].value_counts(normalize=True)
+    assert abs(shares["val"] - 0.2) < 0.02 and abs(shares["test"] - 0.1) < 0.02
+    assert summary["shared_identities"] > 0  # the reference's fault, kept for comparison
+    ident, ident_summary = make_manifest(table, CLASSES, 60, 0, "identity", val_frac=0.2, test_frac=0.1)
+    assert set(ident["split"]) == {"train", "val", "test"} and ident_summary["shared_identities"] == 0
