@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Literal
 
 from prefect import flow, get_run_logger
 
 from flows.config import DEMO_ROOT, RunConfig, Stage
-from flows.inputs import data_handles
+from flows.inputs import data_handles, images_handle, weights_handle
+from tasks.decode import decode_images
 from tasks.demo import DemoSpec, demo_is_current, make_demo
+from tasks.evaluate import evaluate_model
 from tasks.extract import extract_metadata
 from tasks.hashing import HashMemo
 from tasks.split import split_dataset
+from tasks.train import TrainSettings, train_model
 
 
 class StageRunner:
@@ -46,31 +50,56 @@ def age_pipeline(
     split_by: Literal["identity", "image"] = "identity",
     val_frac: float = 0.2,
     test_frac: float = 0.0,
+    backbone: str = "convnext_tiny",
+    weights: str = "auto",
+    epochs: int = 5,
+    batch_size: int = 32,
+    lr: float = 1e-4,
+    image_size: int = 224,
+    device: str = "auto",
+    precision: Literal["auto", "fp32", "bf16"] = "auto",
+    channels_last: Literal["auto", "on", "off"] = "auto",
+    eval_batch_size: int = 64,
 ) -> dict:
-    """Face-age study on CACD (or the built-in demo): extract -> split -> ..."""
-    config = RunConfig(data=data, images=images, out=str(Path(out).resolve()), until=until,
-                       per_class=per_class, seed=seed, split_by=split_by, val_frac=val_frac,
-                       test_frac=test_frac)
+    """Face-age study on CACD (or the built-in demo): extract -> split -> decode -> train -> evaluate."""
+    config = RunConfig(data=data, images=images, out=str(Path(out).resolve()), until=until, per_class=per_class,
+                       seed=seed, split_by=split_by, val_frac=val_frac, test_frac=test_frac, backbone=backbone,
+                       weights=weights, epochs=epochs, batch_size=batch_size, lr=lr, image_size=image_size,
+                       device=device, precision=precision, channels_last=channels_last,
+                       eval_batch_size=eval_batch_size)
     run = StageRunner(config.out)
+    memo = HashMemo(Path(config.out) / ".cache" / "file-hashes.sqlite")
+    # Settle the weights first: offline without them, stop before any work.
+    weights_ref = weights_handle(config.weights_choice, config.backbone, memo) if config.runs("train") else None
     if config.uses_demo:
         spec = DemoSpec(identities=config.demo_identities)
         root = Path(DEMO_ROOT).resolve()
         demo = run("demo", make_demo, refresh=not demo_is_current(root, spec),
                    root=str(root), identities=spec.identities, seed=spec.seed)
         data, images = demo["outputs"]["metadata"], demo["outputs"]["images"]
-    with HashMemo(Path(config.out) / ".cache" / "file-hashes.sqlite") as memo:
-        source, image_root, fmt = data_handles(data, images, memo)
+    source, image_root, fmt = data_handles(data, images, memo)
     metadata = run("extract", extract_metadata, source=source, images=image_root, fmt=fmt)
     if config.runs("split"):
-        run("split", split_dataset, metadata=metadata, per_class=config.per_class, seed=config.seed,
-            split_by=config.split_by, val_frac=config.val_frac, test_frac=config.test_frac)
+        split = run("split", split_dataset, metadata=metadata, per_class=config.per_class, seed=config.seed,
+                    split_by=config.split_by, val_frac=config.val_frac, test_frac=config.test_frac)
+    if config.runs("decode"):
+        sampled = images_handle(split["outputs"]["manifest"]["path"], split["image_root"], memo)
+        decoded = run("decode", decode_images, split=split, images=sampled, image_size=config.image_size)
+    if config.runs("train"):
+        settings = TrainSettings(backbone=config.backbone, epochs=config.epochs, batch_size=config.batch_size,
+                                 lr=config.lr, seed=config.seed, precision=config.precision,
+                                 channels_last=config.channels_last)
+        trained = run("train", train_model, decoded=decoded, weights=weights_ref, settings=settings,
+                      device=config.device)
+    if config.runs("evaluate"):
+        run("evaluate", evaluate_model, decoded=decoded, trained=trained, eval_batch_size=config.eval_batch_size,
+            device=config.device)
+    memo.close()
     get_run_logger().info("stages: %s", {k: v["state"] for k, v in run.stages.items()})
     return {"config": config.as_dict(), "stages": run.stages}
 
 
 if __name__ == "__main__":
     from flows.cli import main
-
-    import sys
 
     sys.exit(main(["run", *sys.argv[1:]]))

@@ -6,8 +6,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
-STAGES = ("demo", "extract", "split", "train", "evaluate", "embed", "featuremaps", "explain", "report")
-Stage = Literal["demo", "extract", "split", "train", "evaluate", "embed", "featuremaps", "explain", "report"]
+STAGES = ("demo", "extract", "split", "decode", "train", "evaluate", "embed", "featuremaps", "explain", "report")
+Stage = Literal["demo", "extract", "split", "decode", "train", "evaluate", "embed", "featuremaps", "explain", "report"]
 DEMO_ROOT = "data/demo"
 
 
@@ -80,6 +80,13 @@ class RunConfig:
     @property
     def uses_demo(self) -> bool:
         return self.data is None
+
+    @property
+    def weights_choice(self) -> str:
+        """'auto' means ImageNet for real data and none for the drawn demo faces."""
+        if self.weights == "auto":
+            return "none" if self.uses_demo else "imagenet"
+        return self.weights
 
     def runs(self, stage: str) -> bool:
         """Whether `stage` comes no later than `until`."""

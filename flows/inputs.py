@@ -37,3 +37,15 @@ def images_handle(manifest_path: str, image_root: str, memo: HashMemo) -> dict:
     root = Path(image_root)
     digests = memo.files(root / p for p in paths)
     return {"path": str(root), "sha256": sha256_json(list(zip(paths, digests)))}
+
+
+def weights_handle(choice: str, backbone: str, memo: HashMemo) -> dict:
+    """'none', 'imagenet' (downloaded into torch's hub cache when missing) or a local file."""
+    from tasks.models import ensure_pretrained
+
+    if choice == "none":
+        return {"kind": "none"}
+    path = ensure_pretrained(backbone) if choice == "imagenet" else Path(choice).expanduser().resolve()
+    if not path.is_file():
+        raise DataError(f"weights file not found: {path}")
+    return {"kind": choice if choice == "imagenet" else "file", "path": str(path), "sha256": memo.file(path)}

@@ -21,7 +21,7 @@ from pathlib import Path
 from tasks.hashing import sha256_file, sha256_json
 
 RESULT_RECORD = ".prefect-result"
-NOT_KEYED = ("out",)  # where results go is not what they are
+NOT_KEYED = ("out", "device")  # where results go and which chip computes them are not what they are
 LOCATIONS = ("dir", "path", "image_root")  # where inputs are is not what they are
 
 

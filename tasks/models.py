@@ -1,0 +1,166 @@
+"""Models: any torchvision classifier by name, its last Linear resized for our classes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+from tasks.sources import DataError
+
+PRETRAINED = "IMAGENET1K_V1"  # the reference's weights
+
+
+def last_linear_name(model: nn.Module) -> str:
+    """Dotted name of the final classifier layer (fc, classifier.2, head, ...)."""
+    names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    if not names:
+        raise DataError(f"{type(model).__name__} has no Linear layer to use as the classifier")
+    return names[-1]
+
+
+def replace_last_linear(model: nn.Module, num_classes: int) -> nn.Module:
+    name = last_linear_name(model)
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    old = getattr(parent, attr)
+    setattr(parent, attr, nn.Linear(old.in_features, num_classes))
+    return model
+
+
+def pretrained_weights(backbone: str):
+    """torchvision's weights enum entry for the reference's ImageNet weights."""
+    enum = torchvision.models.get_model_weights(backbone)
+    return getattr(enum, PRETRAINED, enum.DEFAULT)
+
+
+def pretrained_file(backbone: str) -> Path:
+    """Where torch's hub cache keeps the ImageNet weights of `backbone`."""
+    url = pretrained_weights(backbone).url
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+
+
+def ensure_pretrained(backbone: str) -> Path:
+    """The local ImageNet weights file, downloading it when missing; one clear error offline."""
+    target = pretrained_file(backbone)
+    if target.exists():
+        return target
+    try:
+        torch.hub.load_state_dict_from_url(pretrained_weights(backbone).url, progress=False, check_hash=True)
+    except Exception as error:  # URLError, socket errors, HTTP errors: all mean "not available"
+        raise DataError(
+            f"ImageNet weights for {backbone} are not cached and cannot be downloaded ({type(error).__name__}): "
+            f"expected {target} (under $TORCH_HOME/hub/checkpoints/); put the file there or pass "
+            f"--weights PATH to a local .pth/.safetensors state dict, or --weights none"
+        ) from error
+    return target
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"weights file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise DataError(f"cannot read weights file {path}: {error}") from error
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise DataError(f"{path} is not a state dict (a mapping of names to tensors)")
+    return state
+
+
+def _load_strict(model: nn.Module, state: dict, source: Path, backbone: str) -> None:
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        parts = [f"{len(v)} {label} (e.g. {', '.join(v[:3])})" for label, v in
+                 (("missing keys", missing), ("unexpected keys", unexpected), ("keys of another shape", wrong)) if v]
+        raise DataError(f"weights file {source} does not fit {backbone}: " + "; ".join(parts))
+    model.load_state_dict(state)
+
+
+def convnext_narrow(**kwargs) -> nn.Module:
+    """ConvNeXt-Tiny's layout (same `features[i]` indices) at an eighth of its width and a
+    third of its depth: for CPU demos and tests, where ConvNeXt-Tiny trains at ~2 images/s."""
+    from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+
+    blocks = [CNBlockConfig(24, 48, 1), CNBlockConfig(48, 96, 1), CNBlockConfig(96, 192, 3), CNBlockConfig(192, None, 1)]
+    return ConvNeXt(blocks, stochastic_depth_prob=0.0, **kwargs)
+
+
+LOCAL_MODELS = {"convnext_narrow": convnext_narrow}
+
+
+def _instantiate(backbone: str) -> nn.Module:
+    if backbone in LOCAL_MODELS:
+        return LOCAL_MODELS[backbone]()
+    try:
+        return torchvision.models.get_model(backbone, weights=None)
+    except ValueError as error:
+        raise DataError(f"unknown backbone {backbone!r}: {error}") from error
+
+
+def build_model(backbone: str, num_classes: int, weights: str | None = None) -> nn.Module:
+    """`backbone` with `num_classes` outputs. `weights`: None, 'imagenet' or a state-dict path.
+
+    A local file may hold either the backbone's own head (e.g. ImageNet's 1000 classes) or
+    a head already sized for `num_classes` (a model this pipeline trained).
+    """
+    model = _instantiate(backbone)
+    if weights in (None, "none"):
+        return replace_last_linear(model, num_classes)
+    source = ensure_pretrained(backbone) if weights == "imagenet" else Path(weights)
+    state = read_state_dict(source)
+    head = last_linear_name(model) + ".weight"
+    if head in state and state[head].shape[0] == num_classes != model.get_submodule(head[:-7]).out_features:
+        replace_last_linear(model, num_classes)
+        _load_strict(model, state, source, backbone)
+        return model
+    _load_strict(model, state, source, backbone)
+    return replace_last_linear(model, num_classes)
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' = CUDA, then MPS, then CPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise DataError(f"unknown device {name!r}") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DataError("--device cuda was asked for but CUDA is not available here")
+    return device
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    """bf16 autocast where it is faster: CUDA with bf16, CPUs with native bf16 (avx512_bf16/AMX)."""
+    if precision != "auto":
+        return precision == "bf16"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
+
+
+def use_channels_last(setting: str, device: torch.device) -> bool:
+    if setting != "auto":
+        return setting == "on"
+    return device.type in ("cuda", "cpu")  # measured faster for these convnets on both
