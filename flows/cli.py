@@ -69,7 +69,32 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.json:
         sys.stdout.write(json.dumps(result, default=str) + "\n")
+    else:
+        print(describe(result))
     return 0
+
+
+def describe(result: dict) -> str:
+    """One line per stage: state and the few numbers a person looks at first."""
+    lines = []
+    for name, stage in result["stages"].items():
+        s = stage["summary"]
+        facts = {
+            "demo": lambda: f"{s['images']} images",
+            "extract": lambda: f"kept {s['rows_out']} of {s['rows_in']} rows, dropped "
+                               f"{ {k: v for k, v in s['dropped'].items() if v} or 'none'}",
+            "split": lambda: f"{ {k: sum(v.values()) for k, v in s['per_class_per_split'].items()} }, "
+                             f"shared identities {s['shared_identities']}",
+            "decode": lambda: f"{s['images']} images at {s['image_size']} px, {s['undecodable']} undecodable",
+            "train": lambda: f"kept epoch {s['best_epoch']} of {s['epochs']} (val loss {s['best_val_loss']:.3f}, "
+                             f"acc {s['best_val_acc']:.3f})",
+            "evaluate": lambda: ", ".join(f"{k} acc {v['accuracy']:.3f} macro-F1 {v['macro_f1']:.3f}"
+                                          for k, v in s.items() if isinstance(v, dict)),
+        }.get(name, lambda: "")
+        lines.append(f"{name:<12} {stage['state']:<10} {facts()}")
+    out = result["config"]["out"]
+    lines.append(f"outputs under {out}" + (" (see the run report)" if "report" in result["stages"] else ""))
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

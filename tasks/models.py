@@ -33,7 +33,10 @@ def replace_last_linear(model: nn.Module, num_classes: int) -> nn.Module:
 
 def pretrained_weights(backbone: str):
     """torchvision's weights enum entry for the reference's ImageNet weights."""
-    enum = torchvision.models.get_model_weights(backbone)
+    try:
+        enum = torchvision.models.get_model_weights(backbone)
+    except (KeyError, ValueError) as error:
+        raise DataError(f"torchvision has no ImageNet weights for {backbone!r}: pass --weights none or --weights PATH") from error
     return getattr(enum, PRETRAINED, enum.DEFAULT)
 
 

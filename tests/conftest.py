@@ -75,3 +75,15 @@ def write_mat_v73(path: Path, rows: list[dict]) -> None:
 @pytest.fixture
 def small_rows():
     return plan_demo(SMALL)
+
+
+LEARNABLE = DemoSpec(identities=72, images_per_identity=8, seed=1)
+TINY_TRAINING = dict(backbone="convnext_narrow", weights="none", image_size=32, epochs=10, lr=1e-3, per_class=60, val_frac=0.25)
+
+
+@pytest.fixture(scope="session")
+def learnable_cacd(tmp_path_factory) -> Path:
+    """576 drawn faces of 72 people: enough for a tiny ConvNeXt to learn decades in seconds."""
+    root = tmp_path_factory.mktemp("cacd-learnable")
+    write_demo(root, LEARNABLE)
+    return root

@@ -1,0 +1,155 @@
+"""Training and evaluation: learning, resume, weights, model selection, metrics."""
+
+from pathlib import Path
+from urllib.error import URLError
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import classification_report, confusion_matrix
+
+from tasks.evaluate import classification_metrics
+from tasks.models import build_model, last_linear_name
+from tasks.sources import DataError
+from tasks.train import Runtime, TrainSettings, augment, fit
+
+
+@pytest.mark.parametrize("backbone, head", [
+    ("resnet18", "fc"), ("mobilenet_v3_small", "classifier.3"), ("efficientnet_b0", "classifier.1"),
+    ("convnext_tiny", "classifier.2"), ("convnext_narrow", "classifier.2"),
+])
+def test_last_classifier_layer_is_resized_for_any_torchvision_head(backbone, head):
+    model = build_model(backbone, 6).eval()
+    assert last_linear_name(model) == head
+    with torch.no_grad():
+        assert model(torch.rand(2, 3, 64, 64)).shape == (2, 6)
+
+
+def test_local_weights_files_load_exactly(tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(1)
+    source = build_model("resnet18", 1000)  # a backbone with ImageNet's head
+    torch.save(source.state_dict(), tmp_path / "backbone.pth")
+    save_file(source.state_dict(), tmp_path / "backbone.safetensors")
+    for name in ("backbone.pth", "backbone.safetensors"):
+        loaded = build_model("resnet18", 6, str(tmp_path / name))
+        assert torch.equal(loaded.layer4[1].conv2.weight, source.layer4[1].conv2.weight)
+        assert loaded.fc.out_features == 6
+    trained = build_model("resnet18", 6)  # a model this pipeline trained: its head is kept
+    torch.save(trained.state_dict(), tmp_path / "trained.pth")
+    assert torch.equal(build_model("resnet18", 6, str(tmp_path / "trained.pth")).fc.weight, trained.fc.weight)
+
+
+def test_weights_that_do_not_fit_name_the_keys(tmp_path):
+    torch.save(build_model("resnet18", 6).state_dict(), tmp_path / "resnet.pth")
+    with pytest.raises(DataError, match=r"does not fit convnext_narrow: \d+ missing keys \(e.g. features.0.0.weight"):
+        build_model("convnext_narrow", 6, str(tmp_path / "resnet.pth"))
+    with pytest.raises(DataError, match="weights file not found"):
+        build_model("resnet18", 6, str(tmp_path / "absent.pth"))
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(DataError, match="cannot read weights file"):
+        build_model("resnet18", 6, str(tmp_path / "junk.pth"))
+
+
+def test_offline_imagenet_stops_before_any_work(prefect_backend, small_cacd, tmp_path, monkeypatch):
+    from flows.age_pipeline import age_pipeline
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+
+    def offline(*args, **kwargs):
+        raise URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    out = tmp_path / "artifacts"
+    with pytest.raises(DataError) as error:
+        age_pipeline(data=str(small_cacd / "celebrity2000_meta.mat"), out=str(out), until="train",
+                     backbone="resnet18", weights="imagenet")
+    expected = tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    assert str(expected) in str(error.value) and "--weights PATH" in str(error.value)
+    assert not (out / "extract").exists()
+
+
+def test_augment_draws_per_image_and_is_seeded():
+    x = torch.rand(64, 3, 8, 8)
+    settings = TrainSettings()
+    a = augment(x.clone(), settings, torch.Generator().manual_seed(0))
+    b = augment(x.clone(), settings, torch.Generator().manual_seed(0))
+    assert torch.equal(a, b)
+    def corr(p, q):
+        return torch.corrcoef(torch.stack([p.flatten(), q.flatten()]))[0, 1]
+
+    flipped = [bool(corr(a[i], x[i].flip(2)) > corr(a[i], x[i])) for i in range(64)]
+    assert 0.25 < np.mean(flipped) < 0.75
+    ratio = (a.mean(dim=(1, 2, 3)) / x.mean(dim=(1, 2, 3)))
+    assert ratio.std() > 0.02  # brightness/contrast differ between images of one batch
+    assert a.min() >= 0 and a.max() <= 1
+
+
+def _toy_data(seed=0, n=96, size=32):  # ConvNeXt needs at least 32 px
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 3, n)
+    images = (rng.random((n, size, size, 3)) * 80 + labels[:, None, None, None] * 60).astype(np.uint8)
+    return images, labels
+
+
+def test_killed_training_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    import tasks.train as train
+
+    data = _toy_data()
+    settings = TrainSettings(backbone="convnext_narrow", epochs=3, batch_size=16, lr=1e-3, seed=4)
+    runtime = Runtime.resolve("cpu", "auto", "auto")
+
+    def run(checkpoint):
+        torch.manual_seed(settings.seed)
+        model = build_model("convnext_narrow", 3)
+        return model, fit(model, data, data, settings, runtime, checkpoint)
+
+    whole_model, whole = run(tmp_path / "whole.pt")
+
+    real_epoch, calls = train.train_one_epoch, []
+
+    def dies_in_epoch_3(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_one_epoch", dies_in_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "killed.pt")
+    monkeypatch.setattr(train, "train_one_epoch", real_epoch)
+    resumed_model, resumed = run(tmp_path / "killed.pt")
+
+    assert resumed["resumed_from"] == 2 and whole["resumed_from"] == 0
+    for key, value in whole_model.state_dict().items():
+        assert torch.equal(value, resumed_model.state_dict()[key]), key
+    assert [r["val_loss"] for r in resumed["history"]] == [r["val_loss"] for r in whole["history"]]
+
+
+def test_kept_epoch_has_the_lowest_validation_loss(tmp_path):
+    data = _toy_data(1)
+    settings = TrainSettings(backbone="convnext_narrow", epochs=4, batch_size=16, lr=3e-3, seed=0)
+    torch.manual_seed(0)
+    result = fit(build_model("convnext_narrow", 3), data, _toy_data(2), settings,
+                 Runtime.resolve("cpu", "fp32", "off"), tmp_path / "c.pt")
+    losses = [r["val_loss"] for r in result["history"]]
+    assert result["best_epoch"] == int(np.argmin(losses)) + 1
+    assert [r["kept"] for r in result["history"]] == [e == result["best_epoch"] for e in range(1, 5)]
+
+
+def test_metrics_equal_scikit_learn_on_a_hand_made_table():
+    classes = ["10s", "20s", "30s", "60s"]
+    actual = np.array([0, 0, 0, 1, 1, 2, 2, 2, 3, 3])
+    predicted = np.array([0, 1, 0, 1, 2, 2, 2, 0, 3, 2])
+    m = classification_metrics(actual, predicted, classes)
+    report = classification_report(actual, predicted, labels=range(4), output_dict=True, zero_division=0)
+    assert m["accuracy"] == pytest.approx(report["accuracy"]) == pytest.approx(0.6)
+    assert m["macro_f1"] == pytest.approx(report["macro avg"]["f1-score"])
+    for i, c in enumerate(classes):
+        for key, theirs in (("precision", "precision"), ("recall", "recall"), ("support", "support")):
+            assert m["per_class"][c][key] == pytest.approx(report[str(i)][theirs])
+    np.testing.assert_allclose(m["confusion"], confusion_matrix(actual, predicted, normalize="true"))
+    np.testing.assert_allclose(np.array(m["confusion"]).sum(1), 1)
+    # |error| in decades: 20s->10s... by hand: 1 + 1 + 2 (30s->10s) + 3 (60s->30s) over 10 images
+    assert m["mae_decades"] == pytest.approx((1 + 1 + 2 + 3) / 10)
