@@ -12,27 +12,37 @@ from flows.config import DEMO_ROOT, RunConfig, Stage
 from flows.inputs import data_handles, images_handle, weights_handle
 from tasks.decode import decode_images
 from tasks.demo import DemoSpec, demo_is_current, make_demo
+from tasks.embed import embed_features
 from tasks.evaluate import evaluate_model
+from tasks.explain import explain_model
 from tasks.extract import extract_metadata
+from tasks.featuremaps import feature_maps
 from tasks.hashing import HashMemo
 from tasks.split import split_dataset
 from tasks.train import TrainSettings, train_model
 
 
 class StageRunner:
-    """Runs stage tasks with results stored under `out`, recording state and outputs."""
+    """Submits stage tasks with results stored under `out` and records their state and outputs."""
 
     def __init__(self, out: str):
         self.out = out
         self.stages: dict[str, dict] = {}
 
-    def __call__(self, name: str, stage_task, refresh: bool = False, **parameters) -> dict:
-        state = stage_task.with_options(result_storage=Path(self.out), refresh_cache=refresh or None)(
-            **parameters, out=self.out, return_state=True)
-        result = state.result()  # re-raises the stage's own error
-        self.stages[name] = {"state": state.name, "summary": result.get("summary", {}),
+    def start(self, name: str, stage_task, refresh: bool = False, **parameters):
+        configured = stage_task.with_options(result_storage=Path(self.out), refresh_cache=refresh or None)
+        return name, configured.submit(**parameters, out=self.out)
+
+    def finish(self, started) -> dict:
+        name, future = started
+        future.wait()
+        result = future.result()  # re-raises the stage's own error
+        self.stages[name] = {"state": future.state.name, "summary": result.get("summary", {}),
                              "outputs": _paths(result.get("outputs", {}))}
         return result
+
+    def __call__(self, name: str, stage_task, refresh: bool = False, **parameters) -> dict:
+        return self.finish(self.start(name, stage_task, refresh, **parameters))
 
 
 def _paths(outputs: dict) -> dict:
@@ -60,13 +70,25 @@ def age_pipeline(
     precision: Literal["auto", "fp32", "bf16"] = "auto",
     channels_last: Literal["auto", "on", "off"] = "auto",
     eval_batch_size: int = 64,
+    tsne_perplexity: float = 30.0,
+    feature_layers: str = "features.0,features.5,features.-1",
+    feature_images: int = 9,
+    feature_channels: int = 8,
+    cam_layer: str = "features.-1",
+    explain_classes: str = "10s,60s",
+    explain_images: int = 2,
+    sanity_check: bool = True,
 ) -> dict:
-    """Face-age study on CACD (or the built-in demo): extract -> split -> decode -> train -> evaluate."""
+    """Face-age study on CACD (or the built-in demo): extract -> split -> decode -> train -> evaluate
+    -> embed | feature maps | explain -> report."""
     config = RunConfig(data=data, images=images, out=str(Path(out).resolve()), until=until, per_class=per_class,
                        seed=seed, split_by=split_by, val_frac=val_frac, test_frac=test_frac, backbone=backbone,
                        weights=weights, epochs=epochs, batch_size=batch_size, lr=lr, image_size=image_size,
                        device=device, precision=precision, channels_last=channels_last,
-                       eval_batch_size=eval_batch_size)
+                       eval_batch_size=eval_batch_size, tsne_perplexity=tsne_perplexity,
+                       feature_layers=feature_layers, feature_images=feature_images,
+                       feature_channels=feature_channels, cam_layer=cam_layer, explain_classes=explain_classes,
+                       explain_images=explain_images, sanity_check=sanity_check)
     run = StageRunner(config.out)
     memo = HashMemo(Path(config.out) / ".cache" / "file-hashes.sqlite")
     # Settle the weights first: offline without them, stop before any work.
@@ -94,6 +116,23 @@ def age_pipeline(
     if config.runs("evaluate"):
         run("evaluate", evaluate_model, decoded=decoded, trained=trained, eval_batch_size=config.eval_batch_size,
             device=config.device)
+    # Embedding, feature maps and explanations only read the trained model: they run concurrently.
+    started = []
+    if config.runs("embed"):
+        started.append(run.start("embed", embed_features, decoded=decoded, trained=trained,
+                                 tsne_perplexity=config.tsne_perplexity, seed=config.seed,
+                                 batch_size=config.eval_batch_size, device=config.device))
+    if config.runs("featuremaps"):
+        started.append(run.start("featuremaps", feature_maps, decoded=decoded, trained=trained,
+                                 layers=config.feature_layer_list, images_per_class=config.feature_images,
+                                 channels=config.feature_channels, device=config.device))
+    if config.runs("explain"):
+        started.append(run.start("explain", explain_model, decoded=decoded, trained=trained,
+                                 cam_layer=config.cam_layer, classes=config.explain_class_list,
+                                 images_per_class=config.explain_images, sanity_check=config.sanity_check,
+                                 seed=config.seed, device=config.device))
+    for stage in started:
+        run.finish(stage)
     memo.close()
     get_run_logger().info("stages: %s", {k: v["state"] for k, v in run.stages.items()})
     return {"config": config.as_dict(), "stages": run.stages}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import os
 import sys
 import typing
 
@@ -58,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         serve_all()
         return 0
     parameters = {name: getattr(args, name) for name in names}
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no network to send it to
     try:
         RunConfig(**parameters)
     except ConfigError as error:

@@ -72,6 +72,8 @@ class RunConfig:
             (self.tsne_perplexity > 0, f"--tsne-perplexity must be positive, not {self.tsne_perplexity}"),
             (self.feature_images >= 1 and self.feature_channels >= 1, "--feature-images and --feature-channels must be at least 1"),
             (self.explain_images >= 1, f"--explain-images must be at least 1, not {self.explain_images}"),
+            (bool(self.feature_layer_list), "--feature-layers must name at least one layer, e.g. features.0"),
+            (bool(self.explain_class_list), "--explain-classes must name at least one class, e.g. 10s,60s"),
         ]
         for ok, message in checks:
             if not ok:
@@ -87,6 +89,14 @@ class RunConfig:
         if self.weights == "auto":
             return "none" if self.uses_demo else "imagenet"
         return self.weights
+
+    @property
+    def feature_layer_list(self) -> list[str]:
+        return [part.strip() for part in self.feature_layers.split(",") if part.strip()]
+
+    @property
+    def explain_class_list(self) -> list[str]:
+        return [part.strip() for part in self.explain_classes.split(",") if part.strip()]
 
     def runs(self, stage: str) -> bool:
         """Whether `stage` comes no later than `until`."""

@@ -2,7 +2,10 @@
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+
+import pytest
 
 from flows.age_pipeline import age_pipeline
 from tests.conftest import TINY_TRAINING
@@ -12,12 +15,22 @@ def states(result):
     return {name: stage["state"] for name, stage in result["stages"].items()}
 
 
-def test_tiny_model_learns_and_caching_follows_the_settings(prefect_backend, learnable_cacd, tmp_path):
-    def run(**changes):
-        options = {**TINY_TRAINING, **changes}
-        return age_pipeline(data=str(learnable_cacd / "celebrity2000_meta.mat"), out=str(tmp_path / "a"),
-                            until="evaluate", **options)
+EXPLAIN = dict(feature_images=2, explain_images=2, explain_classes="10s,60s")
 
+
+@pytest.fixture(scope="module")
+def run(prefect_backend, learnable_cacd, tmp_path_factory):
+    """The pipeline on one output folder, so later tests reuse the trained model."""
+    out = tmp_path_factory.mktemp("trained")
+
+    def run_flow(until="evaluate", **changes):
+        options = {**TINY_TRAINING, **EXPLAIN, **changes}
+        return age_pipeline(data=str(learnable_cacd / "celebrity2000_meta.mat"), out=str(out), until=until, **options)
+
+    return run_flow
+
+
+def test_tiny_model_learns_and_caching_follows_the_settings(run):
     first = run()
     assert set(states(first).values()) == {"Completed"}
     evaluation = first["stages"]["evaluate"]["summary"]["val"]
@@ -43,6 +56,43 @@ def test_tiny_model_learns_and_caching_follows_the_settings(prefect_backend, lea
                                      "train": "Completed", "evaluate": "Completed"}
     assert states(run(eval_batch_size=7)) == {"extract": "Cached", "split": "Cached", "decode": "Cached",
                                               "train": "Cached", "evaluate": "Completed"}
+
+
+def test_embedding_feature_maps_and_explanations(run):
+    UPSTREAM = {"extract": "Cached", "split": "Cached", "decode": "Cached", "train": "Cached", "evaluate": "Cached"}
+    run()  # the trained model (cached when the test above ran first)
+    result = run(until="explain")
+    assert states(result) == {**UPSTREAM, "embed": "Completed", "featuremaps": "Completed", "explain": "Completed"}
+
+    embed = result["stages"]["embed"]
+    coords = pd.read_parquet(embed["outputs"]["coordinates"])
+    assert embed["summary"]["feature_dim"] == 192  # penultimate, not the 6 logits
+    assert set(coords["split"]) == {"train", "val"} and len(coords) == embed["summary"]["images"]
+    assert coords[["pca_x", "pca_y", "tsne_x", "tsne_y"]].notna().all().all()
+    assert all(Path(embed["outputs"][k]).stat().st_size > 10_000 for k in ("pca", "tsne"))
+
+    maps_root = Path(result["stages"]["featuremaps"]["outputs"]["feature_maps"])
+    for decade in ("10s", "20s", "30s", "40s", "50s", "60s"):
+        for layer in ("features.0", "features.5", "features.-1"):
+            assert sorted(p.name for p in (maps_root / decade / layer).iterdir()) == \
+                ["feature_map_0.png", "feature_map_1.png"]
+
+    explain = result["stages"]["explain"]
+    strips = Path(explain["outputs"]["strips"])
+    for decade in ("10s", "60s"):
+        assert sorted(p.name for p in (strips / decade).iterdir()) == \
+            ["maps_0.npz", "maps_1.npz", "strip_0.png", "strip_1.png"]
+    raw = np.load(strips / "60s" / "maps_0.npz")
+    assert raw["grad_cam"].shape == (32, 32) and raw["guided_backprop"].shape == (3, 32, 32)
+    sanity = pd.read_csv(explain["outputs"]["sanity"])
+    assert list(sanity["method"]) == ["grad_cam", "guided_backprop", "guided_grad_cam"]
+    assert (sanity["count"] + sanity["undefined"] == 4).all()
+    assert sanity["mean"].dropna().between(-1, 1).all() and sanity.loc[1, "count"] == 4
+
+    assert states(run(until="explain")) == {**UPSTREAM, "embed": "Cached", "featuremaps": "Cached", "explain": "Cached"}
+    changed = run(until="explain", explain_images=1)
+    assert states(changed) == {**UPSTREAM, "embed": "Cached", "featuremaps": "Cached", "explain": "Completed"}
+    assert states(run(until="embed")) == {**UPSTREAM, "embed": "Cached"}
 
 
 def test_corrupt_image_is_excluded_when_first_decoded(prefect_backend, small_cacd, tmp_path):
