@@ -18,6 +18,7 @@ from tasks.explain import explain_model
 from tasks.extract import extract_metadata
 from tasks.featuremaps import feature_maps
 from tasks.hashing import HashMemo
+from tasks.report import make_report
 from tasks.split import split_dataset
 from tasks.train import TrainSettings, train_model
 
@@ -114,8 +115,8 @@ def age_pipeline(
         trained = run("train", train_model, decoded=decoded, weights=weights_ref, settings=settings,
                       device=config.device)
     if config.runs("evaluate"):
-        run("evaluate", evaluate_model, decoded=decoded, trained=trained, eval_batch_size=config.eval_batch_size,
-            device=config.device)
+        evaluated = run("evaluate", evaluate_model, decoded=decoded, trained=trained, eval_batch_size=config.eval_batch_size,
+                            device=config.device)
     # Embedding, feature maps and explanations only read the trained model: they run concurrently.
     started = []
     if config.runs("embed"):
@@ -131,8 +132,10 @@ def age_pipeline(
                                  cam_layer=config.cam_layer, classes=config.explain_class_list,
                                  images_per_class=config.explain_images, sanity_check=config.sanity_check,
                                  seed=config.seed, device=config.device))
-    for stage in started:
-        run.finish(stage)
+    finished = {stage[0]: run.finish(stage) for stage in started}
+    if config.runs("report"):
+        run("report", make_report, config=config.as_dict(),
+            stages={"split": split, "train": trained, "evaluate": evaluated, **finished})
     memo.close()
     get_run_logger().info("stages: %s", {k: v["state"] for k, v in run.stages.items()})
     return {"config": config.as_dict(), "stages": run.stages}

@@ -11,6 +11,7 @@ from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precisio
 from tasks import plots
 from tasks.decode import open_images
 from tasks.models import build_model
+from tasks.report import publish_evaluation
 from tasks.sources import DECADE
 from tasks.stage import StageKey, current_stage_dir, stage_output, write_json
 from tasks.train import Runtime, predict
@@ -78,6 +79,7 @@ def evaluate_model(decoded: dict, trained: dict, eval_batch_size: int, device: s
     with stage_output(current_stage_dir()) as out_dir:
         pd.concat(tables, ignore_index=True).to_parquet(out_dir.path("predictions.parquet"), index=False)
         write_json(out_dir.path("metrics.json"), metrics)
+        publish_evaluation(metrics, classes)
         history.to_csv(out_dir.path("history.csv"), index=False)
         history.to_parquet(out_dir.path("history.parquet"), index=False)
         plots.save(plots.training_curves(history), out_dir.path("curves.png"))

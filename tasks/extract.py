@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 from prefect import get_run_logger, task
 
+from tasks.report import publish_extract
 from tasks.sources import CACD_FILE, DECADE, DataError, read_source
 from tasks.stage import StageKey, current_stage_dir, stage_output, write_json
 
@@ -111,5 +112,6 @@ def extract_metadata(source: dict, images: dict, fmt: str, out: str) -> dict:
         table.to_parquet(out_dir.path("metadata.parquet"), index=False)
         write_json(out_dir.path("summary.json"), summary)
         write_json(out_dir.path("inputs.json"), {"source": source, "images": images, "format": fmt})
+        publish_extract(summary)
         return {"summary": summary, "outputs": {"metadata": out_dir.handle("metadata.parquet")},
                 "image_root": images["path"], "dir": str(out_dir.final)}

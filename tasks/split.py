@@ -7,6 +7,7 @@ import pandas as pd
 from prefect import get_run_logger, task
 from sklearn.model_selection import train_test_split
 
+from tasks.report import publish_split
 from tasks.stage import StageKey, current_stage_dir, stage_output, write_json
 
 SPLITS = ("train", "val", "test")
@@ -120,5 +121,6 @@ def split_dataset(metadata: dict, per_class: int, seed: int, split_by: str, val_
         write_json(out_dir.path("summary.json"), summary)
         write_json(out_dir.path("config.json"), {"per_class": per_class, "seed": seed, "split_by": split_by,
                                                  "val_frac": val_frac, "test_frac": test_frac})
+        publish_split(summary)
         return {"summary": summary, "outputs": {"manifest": out_dir.handle("manifest.parquet")},
                 "classes": classes, "image_root": metadata["image_root"], "dir": str(out_dir.final)}

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from tasks.decode import open_images
 from tasks.models import build_model, resolve_device, use_bf16, use_channels_last
+from tasks.report import TrainingProgress, publish_history
 from tasks.stage import StageDir, StageKey, current_stage_dir, stage_output, write_json
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -143,9 +144,10 @@ def _save_atomic(obj, path: Path) -> None:
 
 
 def fit(model, train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray],
-        settings: TrainSettings, runtime: Runtime, checkpoint: Path, log=None) -> dict:
+        settings: TrainSettings, runtime: Runtime, checkpoint: Path, log=None, on_epoch=None) -> dict:
     """Train for `settings.epochs`, checkpointing each epoch into `checkpoint` and resuming
-    from it when present. Returns history, the best epoch and its weights."""
+    from it when present. `on_epoch(epoch, metrics)` is called after each epoch.
+    Returns history, the best epoch and its weights."""
     model = prepare(model, runtime)
     optimizer = torch.optim.Adam(model.parameters(), lr=settings.lr)
     history, best, start = [], {"epoch": 0, "val_loss": math.inf, "state": None}, 1
@@ -176,6 +178,8 @@ def fit(model, train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.n
             log.info("epoch %d/%d: train loss %.4f acc %.3f | val loss %.4f acc %.3f | %.1f img/s%s", epoch,
                      settings.epochs, row["train_loss"], row["train_acc"], row["val_loss"], row["val_acc"],
                      row["train_images_per_s"], " (best so far)" if best["epoch"] == epoch else "")
+        if on_epoch:
+            on_epoch(epoch, row)
         _save_atomic({"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                       "history": history, "best": best}, checkpoint)
     for row in history:
@@ -207,13 +211,15 @@ def train_model(decoded: dict, weights: dict, settings: TrainSettings, device: s
     final = current_stage_dir()
     scratch = StageDir(final).scratch
     scratch.mkdir(parents=True, exist_ok=True)
-    result = fit(model, train, val, settings, runtime, scratch / "checkpoint.pt", log)
+    result = fit(model, train, val, settings, runtime, scratch / "checkpoint.pt", log,
+                 on_epoch=TrainingProgress(settings.epochs))
     best = result["history"][result["best_epoch"] - 1]
     with stage_output(final) as out_dir:
         torch.save(result["best_state"], out_dir.path("model.pt"))
         history = pd.DataFrame(result["history"])
         history.to_csv(out_dir.path("history.csv"), index=False)
         history.to_parquet(out_dir.path("history.parquet"), index=False)
+        publish_history(history)
         config = {**asdict(settings), "weights": weights, "classes": classes, "device": str(runtime.device),
                   "bf16": runtime.bf16, "channels_last_runtime": runtime.channels_last}
         write_json(out_dir.path("config.json"), config)
