@@ -50,6 +50,19 @@ def _paths(outputs: dict) -> dict:
     return {k: (v["path"] if isinstance(v, dict) else v) for k, v in outputs.items()}
 
 
+def extract_stage(config: RunConfig, run: StageRunner, memo: HashMemo) -> dict:
+    """The demo data when no --data is given, then the extract stage; its handle."""
+    data, images = config.data, config.images
+    if config.uses_demo:
+        spec = DemoSpec(identities=config.demo_identities)
+        root = Path(DEMO_ROOT).resolve()
+        demo = run("demo", make_demo, refresh=not demo_is_current(root, spec),
+                   root=str(root), identities=spec.identities, seed=spec.seed)
+        data, images = demo["outputs"]["metadata"], demo["outputs"]["images"]
+    source, image_root, fmt = data_handles(data, images, memo)
+    return run("extract", extract_metadata, source=source, images=image_root, fmt=fmt)
+
+
 @flow(name="age-pipeline", log_prints=True)
 def age_pipeline(
     data: str | None = None,
@@ -94,14 +107,7 @@ def age_pipeline(
     memo = HashMemo(Path(config.out) / ".cache" / "file-hashes.sqlite")
     # Settle the weights first: offline without them, stop before any work.
     weights_ref = weights_handle(config.weights_choice, config.backbone, memo) if config.runs("train") else None
-    if config.uses_demo:
-        spec = DemoSpec(identities=config.demo_identities)
-        root = Path(DEMO_ROOT).resolve()
-        demo = run("demo", make_demo, refresh=not demo_is_current(root, spec),
-                   root=str(root), identities=spec.identities, seed=spec.seed)
-        data, images = demo["outputs"]["metadata"], demo["outputs"]["images"]
-    source, image_root, fmt = data_handles(data, images, memo)
-    metadata = run("extract", extract_metadata, source=source, images=image_root, fmt=fmt)
+    metadata = extract_stage(config, run, memo)
     if config.runs("split"):
         split = run("split", split_dataset, metadata=metadata, per_class=config.per_class, seed=config.seed,
                     split_by=config.split_by, val_frac=config.val_frac, test_frac=config.test_frac)

@@ -1,0 +1,72 @@
+"""A real Prefect server on 127.0.0.1 for tests, with its own home (database) in a temp folder."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class PrefectServer:
+    def __init__(self, home: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/api"
+        self.home = home
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+        self.env.update(PREFECT_HOME=str(home), PREFECT_API_URL=self.url, PREFECT_UI_API_URL=self.url,
+                        PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_LOGGING_LEVEL="WARNING")
+        self.process = None
+
+    def __enter__(self):
+        prefect = Path(sys.executable).with_name("prefect")
+        self.log = open(self.home / "server.log", "w")
+        self.process = subprocess.Popen([str(prefect), "server", "start", "--host", "127.0.0.1", "--port",
+                                         str(self.port)], env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            if self.process.poll() is not None:
+                break
+            time.sleep(0.5)
+        self.__exit__()
+        raise RuntimeError(f"prefect server did not start: {(self.home / 'server.log').read_text()[-2000:]}")
+
+    def __exit__(self, *exc):
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        self.log.close()
+
+    def run(self, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+        """A command of this repo's environment against this server."""
+        proc = subprocess.run(list(args), cwd=REPO, env=self.env, capture_output=True, text=True, timeout=timeout)
+        assert proc.returncode == 0, f"{args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        return proc
+
+    def prefect(self, *args: str) -> subprocess.CompletedProcess:
+        return self.run(str(Path(sys.executable).with_name("prefect")), *args)
+
+    def api(self, method: str, path: str, **kwargs):
+        response = httpx.request(method, f"{self.url}{path}", timeout=30, **kwargs)
+        response.raise_for_status()
+        return response.json()
