@@ -1,5 +1,6 @@
 """Train and evaluate inside the flow: it learns, and reruns only what a change touches."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -104,3 +105,31 @@ def test_corrupt_image_is_excluded_when_first_decoded(prefect_backend, small_cac
     assert decode["undecodable"] == 1 and decode["undecodable_examples"] == [victim.name]
     assert decode["images"] == result["stages"]["split"]["summary"]["images"] - 1
     assert victim.read_bytes() == b"\xff\xd8 this is not a jpeg"  # the user's file is left alone
+
+
+def test_report_and_artifacts_are_readable_through_the_api(run):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    result = run(until="report")
+    assert result["stages"]["report"]["state"] in ("Completed", "Cached")
+    report_file = Path(result["stages"]["report"]["outputs"]["report"]).read_text()
+    with get_client(sync_client=True) as client:
+        def latest(key):
+            found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
+                                          sort="CREATED_DESC", limit=1)
+            assert found, f"no artifact {key}"
+            return found[0]
+
+        report = latest("agelens-run-report")
+        assert report.type == "markdown" and report.data == report_file
+        assert report.data.count("data:image/png;base64,") >= 8  # curves, heatmap, PCA, t-SNE, 4 strips
+        assert "## Where the outputs are" in report.data
+        for key in ("agelens-extract-summary", "agelens-split-counts", "agelens-training-history",
+                    "agelens-classification-report-val", "agelens-confusion-matrix-val"):
+            assert latest(key).type == "table"
+        progress = latest("agelens-training-progress")
+        assert progress.type == "progress" and float(progress.data) == 100.0
+        rows = json.loads(latest("agelens-training-history").data)
+        assert {"epoch", "train_loss", "val_loss", "val_acc", "kept"} <= set(rows[0])
+        assert sum(row["kept"] for row in rows) == 1
