@@ -147,6 +147,18 @@ def age_pipeline(
     return {"config": config.as_dict(), "stages": run.stages}
 
 
+def with_task_runner(task_runner: str = "thread", dask_address: str | None = None):
+    """The flow on Prefect's default thread pool, or on Dask: a LocalCluster, or the cluster at
+    `dask_address` (then every machine must see `out` at the same path)."""
+    if task_runner == "thread":
+        return age_pipeline
+    from prefect_dask import DaskTaskRunner
+
+    runner = DaskTaskRunner(address=dask_address) if dask_address else DaskTaskRunner(
+        cluster_kwargs={"n_workers": 2, "threads_per_worker": 1, "processes": True})
+    return age_pipeline.with_options(task_runner=runner)
+
+
 if __name__ == "__main__":
     from flows.cli import main
 

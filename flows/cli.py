@@ -43,12 +43,15 @@ def build_parser(flow_fn) -> tuple[argparse.ArgumentParser, list[str]]:
     run = commands.add_parser("run", help="run the pipeline (on the built-in demo data unless --data is given)")
     names = _add_flow_options(run, flow_fn)
     run.add_argument("--json", action="store_true", help="print one JSON summary of every stage last on stdout")
+    run.add_argument("--task-runner", choices=["thread", "dask"], default="thread",
+                     help="run independent stages on threads (default) or on a Dask cluster")
+    run.add_argument("--dask-address", metavar="ADDRESS", help="an existing Dask scheduler (default: a LocalCluster)")
     commands.add_parser("serve", help="serve the age-pipeline and watch-sample-size deployments in this process")
     return parser, names
 
 
 def main(argv: list[str] | None = None) -> int:
-    from flows.age_pipeline import age_pipeline
+    from flows.age_pipeline import age_pipeline, with_task_runner
     from tasks.sources import DataError
 
     parser, names = build_parser(age_pipeline.fn)
@@ -59,13 +62,15 @@ def main(argv: list[str] | None = None) -> int:
         serve_all()
         return 0
     parameters = {name: getattr(args, name) for name in names}
+    if args.dask_address and args.task_runner != "dask":
+        parser.exit(2, "agelens: error: --dask-address needs --task-runner dask\n")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no network to send it to
     try:
         RunConfig(**parameters)
     except ConfigError as error:
         parser.exit(2, f"agelens: error: {error}\n")
     try:
-        result = age_pipeline(**parameters)
+        result = with_task_runner(args.task_runner, args.dask_address)(**parameters)
     except (DataError, ConfigError) as error:
         print(f"agelens: error: {error}", file=sys.stderr)
         return 1

@@ -33,6 +33,10 @@ def _round(value, digits=4):
     return round(value, digits) if isinstance(value, float) else value
 
 
+def _decades(value) -> str:
+    return "n/a (labels are not decades)" if value is None else f"{value:.3f}"
+
+
 def publish_extract(summary: dict) -> None:
     rows = [{"measure": "rows in metadata", "value": summary["rows_in"]},
             {"measure": "rows kept", "value": summary["rows_out"]},
@@ -82,7 +86,7 @@ def publish_evaluation(metrics: dict, classes: list[str]) -> None:
     for split, m in metrics.items():
         create_table_artifact(report_rows(m), key=f"{KEYS['report_table']}-{split}",
                               description=f"{split}: accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f}, "
-                                          f"MAE {m['mae_decades']} decades")
+                                          f"MAE {_decades(m['mae_decades'])} decades")
         rows = [{"actual": a, **{f"predicted {p}": round(m["confusion"][i][j], 3) for j, p in enumerate(classes)}}
                 for i, a in enumerate(classes)]
         create_table_artifact(rows, key=f"{KEYS['confusion']}-{split}",
@@ -114,7 +118,7 @@ def run_report(config: dict, stages: dict) -> str:
         f"{train['summary']['best_epoch']}, lowest val loss), per class {config['per_class']}, split by "
         f"{config['split_by']}, seed {config['seed']}.",
         f"Validation: accuracy **{val['accuracy']:.3f}**, macro-F1 **{val['macro_f1']:.3f}**, "
-        f"MAE **{val['mae_decades']}** decades. Identities shared between splits: "
+        f"MAE **{_decades(val['mae_decades'])}** decades. Identities shared between splits: "
         f"{split['summary']['shared_identities']}.",
         "## Data", _table(split_rows(split["summary"])),
         "## Training curves", image_markdown(evaluation["outputs"]["curves"]["path"], "loss and accuracy curves", 640),

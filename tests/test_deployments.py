@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from tests.server import PrefectServer
+from flows.server import PrefectServer
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,7 @@ def run(prefect_backend, learnable_cacd, tmp_path_factory):
         options = {**TINY_TRAINING, **EXPLAIN, **changes}
         return age_pipeline(data=str(learnable_cacd / "celebrity2000_meta.mat"), out=str(out), until=until, **options)
 
+    run_flow.out = str(out)
     return run_flow
 
 
@@ -133,3 +134,20 @@ def test_report_and_artifacts_are_readable_through_the_api(run):
         rows = json.loads(latest("agelens-training-history").data)
         assert {"epoch", "train_loss", "val_loss", "val_acc", "kept"} <= set(rows[0])
         assert sum(row["kept"] for row in rows) == 1
+
+
+def test_independent_stages_run_on_a_dask_cluster(run, learnable_cacd, tmp_path):
+    from distributed import Client, LocalCluster
+
+    from flows.age_pipeline import with_task_runner
+
+    run()  # the trained model, cached
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        flow = with_task_runner("dask", cluster.scheduler_address)
+        options = {**TINY_TRAINING, **EXPLAIN, "explain_images": 1, "feature_images": 1, "tsne_perplexity": 10.0}
+        result = flow(data=str(learnable_cacd / "celebrity2000_meta.mat"), out=run.out, until="explain", **options)
+        with Client(cluster.scheduler_address) as client:
+            ran = client.run_on_scheduler(lambda dask_scheduler: sorted(dask_scheduler.task_prefixes))
+    assert states(result)["embed"] == states(result)["featuremaps"] == states(result)["explain"] == "Completed"
+    assert states(result)["train"] == "Cached"
+    assert any(name.startswith("explain") for name in ran) and any(name.startswith("embed") for name in ran), ran

@@ -1,4 +1,5 @@
-"""A real Prefect server on 127.0.0.1 for tests, with its own home (database) in a temp folder."""
+"""A real Prefect server on 127.0.0.1 with its own home (database), for tests, benchmarks and
+the UI screenshot script."""
 
 from __future__ import annotations
 
@@ -60,7 +61,8 @@ class PrefectServer:
     def run(self, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
         """A command of this repo's environment against this server."""
         proc = subprocess.run(list(args), cwd=REPO, env=self.env, capture_output=True, text=True, timeout=timeout)
-        assert proc.returncode == 0, f"{args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        if proc.returncode != 0:
+            raise RuntimeError(f"{args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
         return proc
 
     def prefect(self, *args: str) -> subprocess.CompletedProcess:
