@@ -7,12 +7,11 @@ row; extraction only lists the folder, so file contents do not matter here.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import tempfile
 import time
 from pathlib import Path
-
-import os
 
 from tasks.extract import list_images, validate
 from tasks.sources import detect_format, read_source

@@ -54,7 +54,7 @@ def extract_stage(config: RunConfig, run: StageRunner, memo: HashMemo) -> dict:
     """The demo data when no --data is given, then the extract stage; its handle."""
     data, images = config.data, config.images
     if config.uses_demo:
-        spec = DemoSpec(identities=config.demo_identities)
+        spec = DemoSpec()
         root = Path(DEMO_ROOT).resolve()
         demo = run("demo", make_demo, refresh=not demo_is_current(root, spec),
                    root=str(root), identities=spec.identities, seed=spec.seed)
@@ -104,7 +104,13 @@ def age_pipeline(
                        feature_channels=feature_channels, cam_layer=cam_layer, explain_classes=explain_classes,
                        explain_images=explain_images, sanity_check=sanity_check)
     run = StageRunner(config.out)
-    memo = HashMemo(Path(config.out) / ".cache" / "file-hashes.sqlite")
+    with HashMemo(Path(config.out) / ".cache" / "file-hashes.sqlite") as memo:
+        _run_stages(config, run, memo)
+    get_run_logger().info("stages: %s", {k: v["state"] for k, v in run.stages.items()})
+    return {"config": config.as_dict(), "stages": run.stages}
+
+
+def _run_stages(config: RunConfig, run: StageRunner, memo: HashMemo) -> None:
     # Settle the weights first: offline without them, stop before any work.
     weights_ref = weights_handle(config.weights_choice, config.backbone, memo) if config.runs("train") else None
     metadata = extract_stage(config, run, memo)
@@ -121,14 +127,13 @@ def age_pipeline(
         trained = run("train", train_model, decoded=decoded, weights=weights_ref, settings=settings,
                       device=config.device)
     if config.runs("evaluate"):
-        evaluated = run("evaluate", evaluate_model, decoded=decoded, trained=trained, eval_batch_size=config.eval_batch_size,
-                            device=config.device)
+        evaluated = run("evaluate", evaluate_model, decoded=decoded, trained=trained,
+                        eval_batch_size=config.eval_batch_size, device=config.device)
     # Embedding, feature maps and explanations only read the trained model: they run concurrently.
     started = []
     if config.runs("embed"):
         started.append(run.start("embed", embed_features, decoded=decoded, trained=trained,
-                                 tsne_perplexity=config.tsne_perplexity, seed=config.seed,
-                                 batch_size=config.eval_batch_size, device=config.device))
+                                 tsne_perplexity=config.tsne_perplexity, seed=config.seed, device=config.device))
     if config.runs("featuremaps"):
         started.append(run.start("featuremaps", feature_maps, decoded=decoded, trained=trained,
                                  layers=config.feature_layer_list, images_per_class=config.feature_images,
@@ -142,9 +147,6 @@ def age_pipeline(
     if config.runs("report"):
         run("report", make_report, config=config.as_dict(),
             stages={"split": split, "train": trained, "evaluate": evaluated, **finished})
-    memo.close()
-    get_run_logger().info("stages: %s", {k: v["state"] for k, v in run.stages.items()})
-    return {"config": config.as_dict(), "stages": run.stages}
 
 
 def with_task_runner(task_runner: str = "thread", dask_address: str | None = None):

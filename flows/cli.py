@@ -97,6 +97,10 @@ def describe(result: dict) -> str:
                              f"acc {s['best_val_acc']:.3f})",
             "evaluate": lambda: ", ".join(f"{k} acc {v['accuracy']:.3f} macro-F1 {v['macro_f1']:.3f}"
                                           for k, v in s.items() if isinstance(v, dict)),
+            "embed": lambda: f"{s['images']} feature vectors of dimension {s['feature_dim']}",
+            "featuremaps": lambda: f"{s['files']} grids of layers {', '.join(s['layers'])}",
+            "explain": lambda: f"{s['images']} strips; sanity Spearman {s.get('sanity_spearman', 'not run')}",
+            "report": lambda: f"{s['images']} plots embedded",
         }.get(name, lambda: "")
         lines.append(f"{name:<12} {stage['state']:<10} {facts()}")
     out = result["config"]["out"]

@@ -22,7 +22,6 @@ class RunConfig:
     images: str | None = None
     out: str = "artifacts"
     until: Stage = "report"
-    demo_identities: int = 156
     # sampling and split
     per_class: int = 200
     seed: int = 0
@@ -39,7 +38,6 @@ class RunConfig:
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     channels_last: Literal["auto", "on", "off"] = "auto"
-    workers: int = 0
     # evaluation, embedding, explanation
     eval_batch_size: int = 64
     tsne_perplexity: float = 30.0
@@ -60,14 +58,12 @@ class RunConfig:
             (0 <= self.test_frac < 1, f"--test-frac must lie in [0, 1), not {self.test_frac}"),
             (self.val_frac + self.test_frac < 1,
              f"--val-frac + --test-frac must leave images to train on, not {self.val_frac + self.test_frac}"),
-            (self.demo_identities >= 6, "demo_identities must be at least 6 (one per decade)"),
             (self.epochs >= 1, f"--epochs must be at least 1, not {self.epochs}"),
             (self.batch_size >= 1, f"--batch-size must be at least 1, not {self.batch_size}"),
             (self.lr > 0, f"--lr must be positive, not {self.lr}"),
             (self.image_size >= 16, f"--image-size must be at least 16, not {self.image_size}"),
             (self.precision in ("auto", "fp32", "bf16"), f"--precision must be auto, fp32 or bf16, not {self.precision!r}"),
             (self.channels_last in ("auto", "on", "off"), f"--channels-last must be auto, on or off, not {self.channels_last!r}"),
-            (self.workers >= 0, f"--workers must be 0 or more, not {self.workers}"),
             (self.eval_batch_size >= 1, f"--eval-batch-size must be at least 1, not {self.eval_batch_size}"),
             (self.tsne_perplexity > 0, f"--tsne-perplexity must be positive, not {self.tsne_perplexity}"),
             (self.feature_images >= 1 and self.feature_channels >= 1, "--feature-images and --feature-channels must be at least 1"),

@@ -16,7 +16,7 @@ import pandas as pd
 from PIL import Image, UnidentifiedImageError
 from prefect import get_run_logger, task
 
-from tasks.stage import StageKey, current_stage_dir, stage_output, write_json
+from tasks.stage import StageKey, task_output, write_json
 
 ARRAY = "images.u8"
 
@@ -63,7 +63,7 @@ def decode_images(split: dict, images: dict, image_size: int, out: str) -> dict:
     log = get_run_logger()
     manifest = pd.read_parquet(split["outputs"]["manifest"]["path"])
     root = Path(images["path"])
-    with stage_output(current_stage_dir()) as out_dir:
+    with task_output() as out_dir:
         scratch = np.lib.format.open_memmap(out_dir.path("scratch.npy"), mode="w+", dtype=np.uint8,
                                             shape=(len(manifest), image_size, image_size, 3))
         ok = decode_all(manifest["path"].tolist(), root, image_size, scratch, threads=os.cpu_count() or 1)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import torch
 from prefect import get_run_logger, task
 from sklearn.decomposition import PCA
@@ -13,8 +12,10 @@ from tasks import plots
 from tasks.decode import open_images
 from tasks.evaluate import load_trained
 from tasks.models import last_linear_name
-from tasks.stage import StageKey, current_stage_dir, stage_output, write_json
+from tasks.stage import StageKey, task_output, write_json
 from tasks.train import Runtime, normalise, to_float
+
+BATCH = 64  # inference only: the size changes speed, not the features
 
 
 @torch.no_grad()
@@ -44,21 +45,20 @@ def project(features: np.ndarray, seed: int, perplexity: float) -> tuple[dict[st
 
 @task(name="embed", cache_key_fn=StageKey("embed", ("tasks.embed", "tasks.plots")), persist_result=True,
       result_serializer="json")
-def embed_features(decoded: dict, trained: dict, tsne_perplexity: float, seed: int, batch_size: int,
-                   device: str, out: str) -> dict:
+def embed_features(decoded: dict, trained: dict, tsne_perplexity: float, seed: int, device: str, out: str) -> dict:
     log = get_run_logger()
     index, images = open_images(decoded)
     classes = trained["classes"]
     runtime = Runtime.resolve(device, trained["settings"]["precision"], trained["settings"]["channels_last"])
     model = load_trained(trained, runtime)
     keep = index["split"].isin(["train", "val"]).to_numpy()
-    features = penultimate_features(model, images[keep], runtime, batch_size)
+    features = penultimate_features(model, images[keep], runtime, BATCH)
     coords, variance = project(features, seed, tsne_perplexity)
     table = index.loc[keep, ["path", "split", "label"]].reset_index(drop=True)
     for method, xy in coords.items():
         table[f"{method}_x"], table[f"{method}_y"] = xy[:, 0], xy[:, 1]
     log.info("projected %d feature vectors of dimension %d", *features.shape)
-    with stage_output(current_stage_dir()) as out_dir:
+    with task_output() as out_dir:
         table.to_parquet(out_dir.path("coordinates.parquet"), index=False)
         np.save(out_dir.path("features.npy"), features.astype(np.float32))
         for method, title in (("pca", "PCA"), ("tsne", "t-SNE")):

@@ -13,8 +13,8 @@ from tasks.decode import open_images
 from tasks.models import build_model
 from tasks.report import publish_evaluation
 from tasks.sources import DECADE
-from tasks.stage import StageKey, current_stage_dir, stage_output, write_json
-from tasks.train import Runtime, predict
+from tasks.stage import StageKey, task_output, write_json
+from tasks.train import Runtime, predict, prepare
 
 
 def decade_values(classes: list[str]) -> np.ndarray | None:
@@ -47,8 +47,7 @@ def classification_metrics(actual: np.ndarray, predicted: np.ndarray, classes: l
 def load_trained(trained: dict, runtime: Runtime) -> torch.nn.Module:
     model = build_model(trained["backbone"], len(trained["classes"]))
     model.load_state_dict(torch.load(trained["outputs"]["model"]["path"], map_location="cpu", weights_only=True))
-    model = model.to(runtime.device).eval()
-    return model.to(memory_format=torch.channels_last) if runtime.channels_last else model
+    return prepare(model, runtime).eval()
 
 
 @task(name="evaluate", cache_key_fn=StageKey("evaluate", ("tasks.evaluate", "tasks.plots")), persist_result=True,
@@ -76,7 +75,7 @@ def evaluate_model(decoded: dict, trained: dict, eval_batch_size: int, device: s
         tables.append(table)
         log.info("%s: accuracy %.3f, macro-F1 %.3f, MAE %s decades", split, metrics[split]["accuracy"],
                  metrics[split]["macro_f1"], metrics[split]["mae_decades"])
-    with stage_output(current_stage_dir()) as out_dir:
+    with task_output() as out_dir:
         pd.concat(tables, ignore_index=True).to_parquet(out_dir.path("predictions.parquet"), index=False)
         write_json(out_dir.path("metrics.json"), metrics)
         publish_evaluation(metrics, classes)

@@ -17,7 +17,7 @@ from tasks.evaluate import load_trained
 from tasks.featuremaps import pick_per_class
 from tasks.models import last_linear_name
 from tasks.sources import DataError
-from tasks.stage import StageKey, current_stage_dir, stage_output, write_json
+from tasks.stage import StageKey, task_output, write_json
 from tasks.train import Runtime, normalise, to_float
 
 METHODS = ("grad_cam", "guided_backprop", "guided_grad_cam")
@@ -83,7 +83,7 @@ def explain_model(decoded: dict, trained: dict, cam_layer: str, classes: list[st
     maps = explain_batch(model, x, cam_layer)
     actual = index.loc[rows, "label"].tolist()
     predicted = [trained["classes"][t] for t in maps["targets"]]
-    with stage_output(current_stage_dir()) as out_dir:
+    with task_output() as out_dir:
         strips = []
         k_of = {}
         for i, row in enumerate(rows):

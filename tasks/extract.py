@@ -12,7 +12,7 @@ from prefect import get_run_logger, task
 
 from tasks.report import publish_extract
 from tasks.sources import CACD_FILE, DECADE, DataError, read_source
-from tasks.stage import StageKey, current_stage_dir, stage_output, write_json
+from tasks.stage import StageKey, task_output, write_json
 
 MAX_AGE = 120
 UNSAFE = re.compile(r"(?:^|[/\\])\.\.(?:[/\\]|$)")
@@ -26,7 +26,7 @@ def decade_label(age: int) -> str:
 def label_order(labels) -> list[str]:
     """Decades in numeric order, any other labels after them alphabetically."""
     labels = set(labels)
-    decades = sorted((l for l in labels if DECADE.match(l)), key=lambda l: int(l[:-1]))
+    decades = sorted((label for label in labels if DECADE.match(label)), key=lambda label: int(label[:-1]))
     return decades + sorted(labels - set(decades))
 
 
@@ -108,10 +108,9 @@ def extract_metadata(source: dict, images: dict, fmt: str, out: str) -> dict:
                         ", ".join(summary["dropped_examples"][reason][:3]))
     log.info("kept %d of %d rows, %d classes, %d identities", summary["rows_out"], summary["rows_in"],
              len(summary["classes"]), summary["identities"])
-    with stage_output(current_stage_dir()) as out_dir:
+    with task_output() as out_dir:
         table.to_parquet(out_dir.path("metadata.parquet"), index=False)
         write_json(out_dir.path("summary.json"), summary)
-        write_json(out_dir.path("inputs.json"), {"source": source, "images": images, "format": fmt})
         publish_extract(summary)
         return {"summary": summary, "outputs": {"metadata": out_dir.handle("metadata.parquet")},
                 "image_root": images["path"], "dir": str(out_dir.final)}

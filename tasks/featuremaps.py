@@ -13,7 +13,7 @@ from tasks import plots
 from tasks.attribution import as_nchw, capture, resolve_layer
 from tasks.decode import open_images
 from tasks.evaluate import load_trained
-from tasks.stage import StageKey, current_stage_dir, stage_output, write_json
+from tasks.stage import StageKey, task_output, write_json
 from tasks.train import Runtime, normalise, to_float
 
 
@@ -45,7 +45,7 @@ def feature_maps(decoded: dict, trained: dict, layers: list[str], images_per_cla
         resolve_layer(model, spec)  # a wrong name fails before any work
     picked = pick_per_class(index, "val", trained["classes"], images_per_class)
     files = []
-    with stage_output(current_stage_dir()) as out_dir:
+    with task_output() as out_dir:
         for label, rows in picked.items():
             outputs = layer_outputs(model, normalise(to_float(images[rows], runtime)), layers)
             for spec, maps in outputs.items():

@@ -12,11 +12,15 @@ from pathlib import Path
 
 import pandas as pd
 from prefect import get_run_logger, task
-from prefect.artifacts import (create_markdown_artifact, create_progress_artifact, create_table_artifact,
-                               update_progress_artifact)
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 
 from tasks.plots import png_bytes
-from tasks.stage import StageKey, current_stage_dir, stage_output
+from tasks.stage import StageKey, task_output
 
 KEYS = {
     "extract": "agelens-extract-summary",
@@ -147,7 +151,7 @@ def run_report(config: dict, stages: dict) -> str:
       result_serializer="json")
 def make_report(config: dict, stages: dict, out: str) -> dict:
     markdown = run_report(config, stages)
-    with stage_output(current_stage_dir()) as out_dir:
+    with task_output() as out_dir:
         out_dir.path("report.md").write_text(markdown)
         create_markdown_artifact(markdown, key=KEYS["report"], description="agelens run report with plots")
         get_run_logger().info("run report: %s (%d kB)", out_dir.final_path("report.md"), len(markdown) // 1024)

@@ -8,7 +8,7 @@ from prefect import get_run_logger, task
 from sklearn.model_selection import train_test_split
 
 from tasks.report import publish_split
-from tasks.stage import StageKey, current_stage_dir, stage_output, write_json
+from tasks.stage import StageKey, task_output, write_json
 
 SPLITS = ("train", "val", "test")
 
@@ -116,11 +116,9 @@ def split_dataset(metadata: dict, per_class: int, seed: int, split_by: str, val_
         log.warning(warning)
     log.info("split %d images by %s: %s; identities shared between splits: %d", summary["images"], split_by,
              {s: sum(c.values()) for s, c in summary["per_class_per_split"].items()}, summary["shared_identities"])
-    with stage_output(current_stage_dir()) as out_dir:
+    with task_output() as out_dir:
         manifest.to_parquet(out_dir.path("manifest.parquet"), index=False)
         write_json(out_dir.path("summary.json"), summary)
-        write_json(out_dir.path("config.json"), {"per_class": per_class, "seed": seed, "split_by": split_by,
-                                                 "val_frac": val_frac, "test_frac": test_frac})
         publish_split(summary)
         return {"summary": summary, "outputs": {"manifest": out_dir.handle("manifest.parquet")},
                 "classes": classes, "image_root": metadata["image_root"], "dir": str(out_dir.final)}

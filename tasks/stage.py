@@ -90,12 +90,17 @@ class StageDir:
 
 
 @contextmanager
-def stage_output(final: Path):
-    """Yield a StageDir; on success move it into place atomically, on failure remove it."""
+def stage_output(final: Path, parameters: dict | None = None):
+    """Yield a StageDir; on success move it into place atomically, on failure remove it.
+
+    `parameters` (the stage's inputs and settings) are recorded beside the outputs.
+    """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     out = StageDir(final)
     out.tmp.mkdir()
+    if parameters is not None:
+        write_json(out.tmp / "parameters.json", {k: v for k, v in parameters.items() if k not in NOT_KEYED})
     try:
         yield out
     except BaseException:
@@ -116,6 +121,13 @@ def current_stage_dir() -> Path:
     return Path(ctx.parameters["out"]).resolve() / Path(key).parent
 
 
+def task_output():
+    """`stage_output` for the running Prefect task: its key's folder, its parameters recorded."""
+    from prefect.context import TaskRunContext
+
+    return stage_output(current_stage_dir(), TaskRunContext.get().parameters)
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -124,5 +136,11 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def _jsonable(value):
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    return str(value)
+
+
 def write_json(path: str | os.PathLike, obj) -> None:
-    atomic_write_bytes(path, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+    atomic_write_bytes(path, json.dumps(obj, indent=2, sort_keys=True, default=_jsonable).encode())

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from tasks.decode import open_images
 from tasks.models import build_model, resolve_device, use_bf16, use_channels_last
 from tasks.report import TrainingProgress, publish_history
-from tasks.stage import StageDir, StageKey, current_stage_dir, stage_output, write_json
+from tasks.stage import StageDir, StageKey, current_stage_dir, task_output, write_json
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -208,13 +208,12 @@ def train_model(decoded: dict, weights: dict, settings: TrainSettings, device: s
     log.info("training %s on %d images (%d val), %d classes, on %s%s%s", settings.backbone, len(train[1]),
              len(val[1]), len(classes), runtime.device, ", bf16" if runtime.bf16 else "",
              ", channels-last" if runtime.channels_last else "")
-    final = current_stage_dir()
-    scratch = StageDir(final).scratch
+    scratch = StageDir(current_stage_dir()).scratch
     scratch.mkdir(parents=True, exist_ok=True)
     result = fit(model, train, val, settings, runtime, scratch / "checkpoint.pt", log,
                  on_epoch=TrainingProgress(settings.epochs))
     best = result["history"][result["best_epoch"] - 1]
-    with stage_output(final) as out_dir:
+    with task_output() as out_dir:
         torch.save(result["best_state"], out_dir.path("model.pt"))
         history = pd.DataFrame(result["history"])
         history.to_csv(out_dir.path("history.csv"), index=False)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from tasks.attribution import grad_cam, guided_backprop, guided_grad_cam, input_gradient
+from tasks.attribution import grad_cam, guided_backprop, input_gradient
 from tasks.embed import penultimate_features
 from tasks.explain import explain_batch, randomised_copy, rank_correlations
 from tasks.models import build_model

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from flows.server import PrefectServer
+from flows.server import REPO, PrefectServer
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +45,8 @@ def test_changed_sample_size_triggers_a_pipeline_run_and_unchanged_does_not(serv
     assert "age-pipeline/age-pipeline" in deployed.stdout and "watch-sample-size/watch-sample-size" in deployed.stdout
     deployment = server.api("GET", "/deployments/name/age-pipeline/age-pipeline")
     assert deployment["schedules"][0]["schedule"]["cron"] == "0 3 * * *"
+    workdir = deployment["pull_steps"][0]["prefect.deployments.steps.set_working_directory"]["directory"]
+    assert workdir == str(REPO)  # where a process worker runs the flow
     assert triggered_runs(server) == []
 
     data = small_cacd / "celebrity2000_meta.mat"

@@ -1,6 +1,5 @@
 """Training and evaluation: learning, resume, weights, model selection, metrics."""
 
-from pathlib import Path
 from urllib.error import URLError
 
 import numpy as np
