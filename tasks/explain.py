@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import numpy as np
 import pandas as pd
 import torch
 from prefect import get_run_logger, task
-from scipy.stats import spearmanr
+from scipy.stats import ConstantInputWarning, spearmanr
 
 from tasks import plots
 from tasks.attribution import grad_cam, guided_backprop, guided_grad_cam, resolve_layer
@@ -58,7 +59,9 @@ def rank_correlations(trained: dict[str, np.ndarray], randomised: dict[str, np.n
     for method in METHODS:
         a, b = _saliency(trained[method]), _saliency(randomised[method])
         for i in range(len(a)):
-            rho = spearmanr(a[i].ravel(), b[i].ravel()).statistic
+            with warnings.catch_warnings():  # a constant map gives NaN, reported as undefined
+                warnings.simplefilter("ignore", ConstantInputWarning)
+                rho = spearmanr(a[i].ravel(), b[i].ravel()).statistic
             rows.append({"method": method, "image": i, "spearman": float(rho)})
     return pd.DataFrame(rows)
 
