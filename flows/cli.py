@@ -12,6 +12,13 @@ import typing
 from flows.config import ConfigError, RunConfig
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad option is one line (`agelens: error: ...`), not the whole usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"agelens: error: {message} (see agelens run --help)\n")
+
+
 def _option(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -38,7 +45,7 @@ def _add_flow_options(parser: argparse.ArgumentParser, flow_fn) -> list[str]:
 
 
 def build_parser(flow_fn) -> tuple[argparse.ArgumentParser, list[str]]:
-    parser = argparse.ArgumentParser(prog="agelens", description="Face-age study on CACD as a cached Prefect flow.")
+    parser = OneLineParser(prog="agelens", description="Face-age study on CACD as a cached Prefect flow.")
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run the pipeline (on the built-in demo data unless --data is given)")
     names = _add_flow_options(run, flow_fn)

@@ -80,7 +80,7 @@ def test_bad_options_give_one_line_and_nonzero_exit(argv, message, capsys):
         main(argv)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert message in err[-1]
+    assert len(err) == 1 and err[0].startswith("agelens: error: ") and message in err[0], err
 
 
 def test_missing_data_file_is_one_clear_error(prefect_backend, tmp_path, capsys):
