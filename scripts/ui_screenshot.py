@@ -1,8 +1,8 @@
 """Show that a person sees the results in Prefect's UI: start a server on a non-default port,
-run the demo pipeline against it, and screenshot the run report artifact and the flow run's
-artifacts tab in headless Chromium (Debian's `chromium`; `apt-get install chromium`).
+run the demo pipeline against it, and screenshot the run report artifact, the flow run (its
+graph marks each stage's artifacts) and the artifacts list in headless Chromium (Debian's `chromium`; `apt-get install chromium`).
 
-    .venv/bin/python scripts/ui_screenshot.py            # writes docs/ui-run-report.png, docs/ui-run-artifacts.png
+    .venv/bin/python scripts/ui_screenshot.py   # writes docs/ui-run-report.png, ui-run-graph.png, ui-artifacts.png
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ def main() -> None:
                             json={"artifacts": {"key": {"any_": ["agelens-run-report"]}}, "limit": 1})[0]
         ui = server.url.removesuffix("/api")
         screenshot(f"{ui}/artifacts/artifact/{report['id']}", args.docs / "ui-run-report.png", 2600)
-        screenshot(f"{ui}/runs/flow-run/{run['id']}?tab=artifacts", args.docs / "ui-run-artifacts.png", 1400)
+        screenshot(f"{ui}/runs/flow-run/{run['id']}", args.docs / "ui-run-graph.png", 1000)
+        screenshot(f"{ui}/artifacts", args.docs / "ui-artifacts.png", 1000)
 
 
 if __name__ == "__main__":

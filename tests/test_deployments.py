@@ -65,3 +65,16 @@ def test_changed_sample_size_triggers_a_pipeline_run_and_unchanged_does_not(serv
     assert sorted(int(r["parameters"]["per_class"]) for r in triggered_runs(server)) == [5, 7]
     variable = server.api("GET", "/variables/name/agelens_sample_size")
     assert variable["value"]["per_class"] == 7 and set(variable["value"]["sample_size"].values()) == {7}
+
+
+def test_serve_uses_the_same_deployments_as_prefect_yaml():
+    from flows.deployments import served_deployments
+
+    pipeline, watcher = served_deployments()
+    assert (pipeline.name, watcher.name) == ("age-pipeline", "watch-sample-size")
+    assert pipeline.schedules[0].schedule.cron == "0 3 * * *"
+    trigger = pipeline.triggers[0]
+    assert trigger.expect == {"agelens.sample-size.changed"}
+    assert trigger.parameters == {"per_class": "{{ event.payload.per_class }}"}
+    assert watcher.schedules[0].schedule.interval.total_seconds() == 600
+    assert pipeline.parameters["backbone"] == "convnext_narrow"
