@@ -199,9 +199,10 @@ def demo_stamp(spec: DemoSpec) -> dict:
 def demo_is_current(root: Path, spec: DemoSpec) -> bool:
     """True when `root` holds a complete demo made from this spec by this code."""
     try:
-        return json.loads((root / STAMP).read_text()) == demo_stamp(spec)
+        stamp = json.loads((root / STAMP).read_text())
     except (OSError, ValueError):
         return False
+    return {k: stamp.get(k) for k in ("spec", "code")} == demo_stamp(spec) and "summary" in stamp
 
 
 @task(name="demo", cache_key_fn=StageKey("demo", ("tasks.demo",)), persist_result=True,
@@ -210,18 +211,20 @@ def make_demo(root: str, identities: int, seed: int, out: str) -> dict:
     """Generate the demo dataset into `root`, replacing only an earlier demo."""
     root_path = Path(root)
     spec = DemoSpec(identities=identities, seed=seed)
+    outputs = {"metadata": str(root_path / "celebrity2000_meta.mat"), "images": str(root_path / "CACD2000")}
+    if demo_is_current(root_path, spec):  # e.g. a new --out folder: the data is already there
+        return {"summary": json.loads((root_path / STAMP).read_text())["summary"], "outputs": outputs}
     if root_path.exists() and not (root_path / STAMP).exists():
         raise DataError(f"{root_path} exists and was not made by agelens; move it away or pass --data")
     tmp = root_path.with_name(f"{root_path.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         tmp.mkdir(parents=True)
         summary = write_demo(tmp, spec)
-        write_json(tmp / STAMP, demo_stamp(spec))
+        write_json(tmp / STAMP, {**demo_stamp(spec), "summary": summary})
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     shutil.rmtree(root_path, ignore_errors=True)
     os.replace(tmp, root_path)
     get_run_logger().info("demo dataset: %d images of %d identities in %s", summary["images"], identities, root)
-    return {"summary": summary, "outputs": {"metadata": str(root_path / "celebrity2000_meta.mat"),
-                                            "images": str(root_path / "CACD2000")}}
+    return {"summary": summary, "outputs": outputs}

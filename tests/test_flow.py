@@ -102,3 +102,27 @@ def test_json_output_from_the_command(prefect_backend, small_cacd, tmp_path):
     assert split["state"] == "Completed" and split["summary"]["shared_identities"] == 0
     assert sum(split["summary"]["per_class_per_split"]["val"].values()) > 0
     assert result["config"]["per_class"] == 10
+
+
+def test_demo_data_is_made_once_and_never_over_a_users_folder(prefect_backend, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from tasks.sources import DataError
+
+    monkeypatch.chdir(tmp_path)  # the demo goes to ./data/demo
+    first = age_pipeline(out="a", until="extract")
+    assert states(first) == {"demo": "Completed", "extract": "Completed"}
+    assert first["stages"]["extract"]["summary"]["rows_out"] == first["stages"]["demo"]["summary"]["images"] == 1560
+    image = next(Path("data/demo/CACD2000").iterdir())
+    made = image.stat().st_mtime_ns
+    assert states(age_pipeline(out="a", until="extract")) == {"demo": "Cached", "extract": "Cached"}
+    other = age_pipeline(out="b", until="extract")  # a new output folder reuses the demo on disk
+    assert other["stages"]["demo"]["summary"] == first["stages"]["demo"]["summary"]
+    assert image.stat().st_mtime_ns == made
+
+    Path("data/demo").rename("data/mine")
+    Path("data/demo").mkdir()
+    (Path("data/demo") / "precious.txt").write_text("keep me")
+    with pytest.raises(DataError, match="was not made by agelens"):
+        age_pipeline(out="c", until="extract")
+    assert (Path("data/demo") / "precious.txt").read_text() == "keep me"
