@@ -18,6 +18,7 @@ from tasks.explain import explain_model
 from tasks.extract import extract_metadata
 from tasks.featuremaps import feature_maps
 from tasks.hashing import HashMemo
+from tasks.models import resolve_device
 from tasks.report import make_report
 from tasks.split import split_dataset
 from tasks.train import TrainSettings, train_model
@@ -111,8 +112,11 @@ def age_pipeline(
 
 
 def _run_stages(config: RunConfig, run: StageRunner, memo: HashMemo) -> None:
-    # Settle the weights first: offline without them, stop before any work.
-    weights_ref = weights_handle(config.weights_choice, config.backbone, memo) if config.runs("train") else None
+    # Settle the device and the weights first: without them, stop before any work.
+    weights_ref = None
+    if config.runs("train"):
+        resolve_device(config.device)
+        weights_ref = weights_handle(config.weights_choice, config.backbone, memo)
     metadata = extract_stage(config, run, memo)
     if config.runs("split"):
         split = run("split", split_dataset, metadata=metadata, per_class=config.per_class, seed=config.seed,

@@ -149,6 +149,8 @@ def resolve_device(name: str) -> torch.device:
         raise DataError(f"unknown device {name!r}") from error
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DataError("--device cuda was asked for but CUDA is not available here")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise DataError("--device mps was asked for but MPS is not available here")
     return device
 
 

@@ -89,6 +89,16 @@ def test_missing_data_file_is_one_clear_error(prefect_backend, tmp_path, capsys)
     assert capsys.readouterr().err.strip().splitlines()[-1] == f"agelens: error: metadata not found: {tmp_path / 'nope.mat'}"
 
 
+def test_unusable_device_or_weights_stop_before_any_work(prefect_backend, small_cacd, tmp_path, capsys):
+    meta = str(small_cacd / "celebrity2000_meta.mat")
+    for options, message in ((["--device", "tpu9"], "unknown device 'tpu9'"),
+                             (["--weights", str(tmp_path / "w.pth")], "weights file not found")):
+        code = main(["run", "--data", meta, "--out", str(tmp_path / "o"), "--until", "train", *options])
+        assert code == 1
+        assert message in capsys.readouterr().err.strip().splitlines()[-1]
+        assert not (tmp_path / "o" / "extract").exists()
+
+
 def test_json_output_from_the_command(prefect_backend, small_cacd, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "flows.age_pipeline", "--data", str(small_cacd / "celebrity2000_meta.mat"),
