@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser, names = build_parser(age_pipeline.fn)
     args = parser.parse_args(argv)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # telemetry needs a network
     if args.command == "serve":
         from flows.deployments import serve_all
 
@@ -71,7 +72,6 @@ def main(argv: list[str] | None = None) -> int:
     parameters = {name: getattr(args, name) for name in names}
     if args.dask_address and args.task_runner != "dask":
         parser.exit(2, "agelens: error: --dask-address needs --task-runner dask\n")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no network to send it to
     try:
         RunConfig(**parameters)
     except ConfigError as error:
