@@ -22,7 +22,9 @@ from tasks.hashing import sha256_file, sha256_json
 
 RESULT_RECORD = ".prefect-result"
 NOT_KEYED = ("out", "device")  # where results go and which chip computes them are not what they are
-LOCATIONS = ("dir", "path", "image_root")  # where inputs are is not what they are
+# Not part of a key: where inputs are, and summaries (derived from content that is keyed,
+# but holding timings that differ between identical runs).
+UNKEYED_FIELDS = ("dir", "path", "image_root", "summary")
 
 
 @functools.cache
@@ -36,13 +38,13 @@ def code_digest(modules: tuple[str, ...]) -> str:
 
 
 def canonical(value):
-    """Replace file handles by their content hash and drop location-only fields."""
+    """Replace file handles by their content hash; drop locations and summaries."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         value = dataclasses.asdict(value)
     if isinstance(value, dict):
         if "sha256" in value:
             return {"sha256": value["sha256"]}
-        return {k: canonical(v) for k, v in value.items() if k not in LOCATIONS}
+        return {k: canonical(v) for k, v in value.items() if k not in UNKEYED_FIELDS}
     if isinstance(value, (list, tuple)):
         return [canonical(v) for v in value]
     if isinstance(value, Path):
