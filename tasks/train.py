@@ -182,6 +182,8 @@ def fit(model, train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.n
             on_epoch(epoch, row)
         _save_atomic({"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                       "history": history, "best": best}, checkpoint)
+    if best["state"] is None:
+        raise ValueError("the validation loss was not finite in any epoch (diverged?): try a lower --lr")
     for row in history:
         row["kept"] = row["epoch"] == best["epoch"]
     return {"history": history, "best_epoch": best["epoch"], "best_state": best["state"], "resumed_from": start - 1}
