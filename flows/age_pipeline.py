@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import fields
 from pathlib import Path
 from typing import Literal
 
 from prefect import flow, get_run_logger
 
 from flows.config import DEMO_ROOT, RunConfig, Stage
-from flows.inputs import data_handles, images_handle, weights_handle
+from flows.inputs import data_handles, images_handle, open_memo, weights_handle
 from tasks.decode import decode_images
 from tasks.demo import DemoSpec, demo_is_current, make_demo
 from tasks.embed import embed_features
@@ -96,16 +97,9 @@ def age_pipeline(
 ) -> dict:
     """Face-age study on CACD (or the built-in demo): extract -> split -> decode -> train -> evaluate
     -> embed | feature maps | explain -> report."""
-    config = RunConfig(data=data, images=images, out=str(Path(out).resolve()), until=until, per_class=per_class,
-                       seed=seed, split_by=split_by, val_frac=val_frac, test_frac=test_frac, backbone=backbone,
-                       weights=weights, epochs=epochs, batch_size=batch_size, lr=lr, image_size=image_size,
-                       device=device, precision=precision, channels_last=channels_last,
-                       eval_batch_size=eval_batch_size, tsne_perplexity=tsne_perplexity,
-                       feature_layers=feature_layers, feature_images=feature_images,
-                       feature_channels=feature_channels, cam_layer=cam_layer, explain_classes=explain_classes,
-                       explain_images=explain_images, sanity_check=sanity_check)
+    config = RunConfig(**{**locals(), "out": str(Path(out).resolve())})  # the parameters, one-to-one
     run = StageRunner(config.out)
-    with HashMemo(Path(config.out) / ".cache" / "file-hashes.sqlite") as memo:
+    with open_memo(config.out) as memo:
         _run_stages(config, run, memo)
     get_run_logger().info("stages: %s", {k: v["state"] for k, v in run.stages.items()})
     return {"config": config.as_dict(), "stages": run.stages}
@@ -125,9 +119,8 @@ def _run_stages(config: RunConfig, run: StageRunner, memo: HashMemo) -> None:
         sampled = images_handle(split["outputs"]["manifest"]["path"], split["image_root"], memo)
         decoded = run("decode", decode_images, split=split, images=sampled, image_size=config.image_size)
     if config.runs("train"):
-        settings = TrainSettings(backbone=config.backbone, epochs=config.epochs, batch_size=config.batch_size,
-                                 lr=config.lr, seed=config.seed, precision=config.precision,
-                                 channels_last=config.channels_last)
+        settings = TrainSettings(**{f.name: getattr(config, f.name) for f in fields(TrainSettings)
+                                    if hasattr(config, f.name)})
         trained = run("train", train_model, decoded=decoded, weights=weights_ref, settings=settings,
                       device=config.device)
     if config.runs("evaluate"):

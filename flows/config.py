@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass
 from typing import Literal
 
-STAGES = ("demo", "extract", "split", "decode", "train", "evaluate", "embed", "featuremaps", "explain", "report")
 Stage = Literal["demo", "extract", "split", "decode", "train", "evaluate", "embed", "featuremaps", "explain", "report"]
+STAGES = typing.get_args(Stage)  # in pipeline order
 DEMO_ROOT = "data/demo"
 
 

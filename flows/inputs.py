@@ -9,6 +9,11 @@ from tasks.hashing import HashMemo, sha256_json
 from tasks.sources import DataError, default_image_root, detect_format
 
 
+def open_memo(out: str) -> HashMemo:
+    """The file-hash memo kept under an output folder."""
+    return HashMemo(Path(out) / ".cache" / "file-hashes.sqlite")
+
+
 def data_handles(data: str, images: str | None, memo: HashMemo) -> tuple[dict, dict, str]:
     """(source handle, image-root handle, format); raises DataError naming what is wrong."""
     source = Path(data).expanduser().resolve()

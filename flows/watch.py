@@ -17,7 +17,7 @@ from prefect.variables import Variable
 
 from flows.age_pipeline import StageRunner, extract_stage
 from flows.config import RunConfig
-from tasks.hashing import HashMemo
+from flows.inputs import open_memo
 
 EVENT = "agelens.sample-size.changed"
 RESOURCE = "agelens.sample-size"
@@ -32,7 +32,7 @@ def sample_size(per_class_available: dict[str, int], per_class: int) -> dict[str
 def watch_sample_size(data: str | None = None, images: str | None = None, per_class: int = 200,
                       out: str = "artifacts", variable: str = VARIABLE) -> dict:
     config = RunConfig(data=data, images=images, per_class=per_class, out=str(Path(out).resolve()), until="extract")
-    with HashMemo(Path(config.out) / ".cache" / "file-hashes.sqlite") as memo:
+    with open_memo(config.out) as memo:
         metadata = extract_stage(config, StageRunner(config.out), memo)
     size = sample_size(metadata["summary"]["per_class"], per_class)
     current = {"data": data, "per_class": per_class, "sample_size": size}
