@@ -1,149 +1,159 @@
-"""The agelens pipeline: one Prefect flow wiring the stages, each cached by content."""
+"""The agelens pipeline: one Prefect flow walking the stage graph of `flows/graph.py`.
+
+Each stage is a Prefect task cached by its key: `<out>/<stage>/<key>/.prefect-result`. Before a
+stage runs, the flow takes a file lock on its key, so two runs into one `--out` compute each
+stage once and the second reads what the first wrote. Stage modules are imported only by the
+stages that run, so a fully cached run never imports torch. At the end, every run publishes
+its artifacts from the stored outputs, appends a row to the run table and records the data
+fingerprint it trained on (the watcher's reference).
+"""
 
 from __future__ import annotations
 
+import importlib
+import shutil
 import sys
-from dataclasses import fields
+from contextlib import ExitStack
+from dataclasses import asdict
 from pathlib import Path
-from typing import Literal
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, task
 
-from flows.config import DEMO_ROOT, RunConfig, Stage
-from flows.inputs import data_handles, images_handle, open_memo, weights_handle
-from tasks.decode import decode_images
-from tasks.demo import DemoSpec, demo_is_current, make_demo
-from tasks.embed import embed_features
-from tasks.evaluate import evaluate_model
-from tasks.explain import explain_model
-from tasks.extract import extract_metadata
-from tasks.featuremaps import feature_maps
-from tasks.hashing import HashMemo
-from tasks.models import resolve_device
-from tasks.report import make_report
-from tasks.split import split_dataset
-from tasks.train import TrainSettings, train_model
+from flows import preflight, runs
+from flows.codeversion import code_version
+from flows.graph import components, key_of, levels, selected
+from flows.inputs import DEMO_ROOT, DEMO_STAMP, Inputs, demo_is_current, open_memo
+from flows.locks import active_lock, locked, stage_lock
+from flows.settings import RunSettings
+from flows.status import plan
+from tasks.stage import Job, read_result
 
 
-class StageRunner:
-    """Submits stage tasks with results stored under `out` and records their state and outputs."""
-
-    def __init__(self, out: str):
-        self.out = out
-        self.stages: dict[str, dict] = {}
-
-    def start(self, name: str, stage_task, refresh: bool = False, **parameters):
-        configured = stage_task.with_options(result_storage=Path(self.out), refresh_cache=refresh or None)
-        return name, configured.submit(**parameters, out=self.out)
-
-    def finish(self, started) -> dict:
-        name, future = started
-        future.wait()
-        result = future.result()  # re-raises the stage's own error
-        self.stages[name] = {"state": future.state.name, "summary": result.get("summary", {}),
-                             "outputs": _paths(result.get("outputs", {}))}
-        return result
-
-    def __call__(self, name: str, stage_task, refresh: bool = False, **parameters) -> dict:
-        return self.finish(self.start(name, stage_task, refresh, **parameters))
+def record_key(context, parameters: dict) -> str:
+    """Where Prefect keeps a stage's cache record: inside the stage's own folder."""
+    job = parameters["job"]
+    return f"{job['stage']}/{job['key']}/.prefect-result"
 
 
-def _paths(outputs: dict) -> dict:
-    return {k: (v["path"] if isinstance(v, dict) else v) for k, v in outputs.items()}
+def run_stage(job: dict) -> dict:
+    """Run one stage (its module's `run(job)`), unless its folder is already complete."""
+    work = Job(**job)
+    done = read_result(work.out, work.stage, work.key)  # complete, but Prefect's record was lost
+    if done is not None:
+        return done
+    return importlib.import_module(f"tasks.{work.stage}").run(work)
 
 
-def extract_stage(config: RunConfig, run: StageRunner, memo: HashMemo) -> dict:
-    """The demo data when no --data is given, then the extract stage; its handle."""
-    data, images = config.data, config.images
-    if config.uses_demo:
-        spec = DemoSpec()
-        root = Path(DEMO_ROOT).resolve()
-        demo = run("demo", make_demo, refresh=not demo_is_current(root, spec),
-                   root=str(root), identities=spec.identities, seed=spec.seed)
-        data, images = demo["outputs"]["metadata"], demo["outputs"]["images"]
-    source, image_root, fmt = data_handles(data, images, memo)
-    return run("extract", extract_metadata, source=source, images=image_root, fmt=fmt)
+def stage_task(name: str, out: Path):
+    return task(run_stage, name=name, cache_key_fn=record_key, persist_result=True, result_serializer="json",
+                result_storage=out)
+
+
+@task(name="demo")
+def make_demo_data(root: str, stamp: dict) -> dict:
+    from tasks.demo import DemoSpec, make_demo
+
+    summary = make_demo(Path(root), DemoSpec(**stamp["spec"]), stamp, DEMO_STAMP)
+    get_run_logger().info("demo dataset: %d images in %s", summary["images"], root)
+    return summary
+
+
+def demo_data() -> str:
+    """The built-in demo's metadata file, generated into data/demo on first use."""
+    root = DEMO_ROOT.resolve()
+    stamp = {"spec": {"identities": 156, "images_per_identity": 10, "seed": 0}, "code": code_version("tasks.demo")}
+    if not demo_is_current(root, stamp):
+        make_demo_data(str(root), stamp)
+    return str(root / "celebrity2000_meta.mat")
+
+
+class Runner:
+    """Walks the graph: keys from this run's inputs and upstream results, one lock per key."""
+
+    def __init__(self, settings: RunSettings, out: Path, inputs: Inputs):
+        self.settings, self.out, self.inputs = settings, out, inputs
+        self.results: dict[str, dict] = {}
+        self.states: dict[str, str] = {}
+
+    def job(self, stage) -> Job:
+        handles = {name: self.inputs.get(name, self.results, str(self.out)) for name in stage.inputs}
+        parts = components(stage, self.settings, self.results, handles)
+        values = self.settings.dump()
+        return Job(stage=stage.name, key=key_of(parts), out=str(self.out),
+                   settings={name: values[name] for name in (*stage.reads, *stage.uses)},
+                   upstream={name: self.results[name] for name in stage.needs}, inputs=handles, components=parts)
+
+    def run(self, stages, after_level=None) -> None:
+        for level in levels(stages):
+            with ExitStack() as held:
+                started = []
+                for stage in sorted(level, key=lambda s: s.name):  # one lock order for every run
+                    job = self.job(stage)
+                    held.enter_context(locked(stage_lock(self.out, stage.name, job.key)))
+                    for leftover in (self.out / stage.name).glob(f"{job.key}.tmp-*"):  # a killed run's
+                        shutil.rmtree(leftover, ignore_errors=True)
+                    started.append((stage.name, stage_task(stage.name, self.out).submit(job=asdict(job))))
+                for name, future in started:
+                    future.wait()
+                    self.results[name] = future.result()  # re-raises the stage's own error
+                    self.states[name] = future.state.name
+            if after_level:
+                after_level(self.results)
 
 
 @flow(name="age-pipeline", log_prints=True)
-def age_pipeline(
-    data: str | None = None,
-    images: str | None = None,
-    out: str = "artifacts",
-    until: Stage = "report",
-    per_class: int = 200,
-    seed: int = 0,
-    split_by: Literal["identity", "image"] = "identity",
-    val_frac: float = 0.2,
-    test_frac: float = 0.0,
-    backbone: str = "convnext_tiny",
-    weights: str = "auto",
-    epochs: int = 5,
-    batch_size: int = 32,
-    lr: float = 1e-4,
-    image_size: int = 224,
-    device: str = "auto",
-    precision: Literal["auto", "fp32", "bf16"] = "auto",
-    channels_last: Literal["auto", "on", "off"] = "auto",
-    eval_batch_size: int = 64,
-    tsne_perplexity: float = 30.0,
-    feature_layers: str = "features.0,features.5,features.-1",
-    feature_images: int = 9,
-    feature_channels: int = 8,
-    cam_layer: str = "features.-1",
-    explain_classes: str = "10s,60s",
-    explain_images: int = 2,
-    sanity_check: bool = True,
-) -> dict:
-    """Face-age study on CACD (or the built-in demo): extract -> split -> decode -> train -> evaluate
-    -> embed | feature maps | explain -> report."""
-    config = RunConfig(**{**locals(), "out": str(Path(out).resolve())})  # the parameters, one-to-one
-    run = StageRunner(config.out)
-    with open_memo(config.out) as memo:
-        _run_stages(config, run, memo)
-    get_run_logger().info("stages: %s", {k: v["state"] for k, v in run.stages.items()})
-    return {"config": config.as_dict(), "stages": run.stages}
+def age_pipeline(settings: RunSettings = RunSettings()) -> dict:
+    """Face-age study on CACD (or the built-in demo): extract -> split -> decode -> train ->
+    evaluate | embed | feature maps | attention | explain -> report."""
+    log = get_run_logger()
+    out = preflight.writable_out(settings.out)
+    with locked(active_lock(out), shared=True), open_memo(out) as memo:
+        inputs = Inputs(settings.data or demo_data(), settings.images, settings.weights_choice, settings.backbone, memo)
+        steps = plan(settings, str(out), inputs)
+        will_run = {row["stage"] for row in steps if not row["cached"]}
+        for row in steps:
+            if not row["cached"] and row["key"]:
+                log.info("%s runs: %s", row["stage"], "; ".join(row["reasons"]))
+        preflight.check_model_settings(settings, will_run)
+        if "train" in will_run:
+            inputs.get("weights", {}, str(out))  # missing weights stop the run before any work
+        runner = Runner(settings, out, inputs)
+
+        def after_level(results):
+            if "extract" in results and "split" not in results:
+                preflight.check_classes(settings, results["extract"]["meta"]["classes"], will_run)
+
+        runner.run(selected(settings.until), after_level)
+        row = finish(settings, out, inputs, runner)
+    log.info("stages: %s", runner.states)
+    return {"settings": settings.dump(), "out": str(out), "run": row,
+            "stages": {name: {"state": runner.states[name], "key": result["key"], "summary": result["summary"],
+                              "outputs": {k: str(out / name / result["key"] / o["file"])
+                                          for k, o in result["outputs"].items()}}
+                       for name, result in runner.results.items()}}
 
 
-def _run_stages(config: RunConfig, run: StageRunner, memo: HashMemo) -> None:
-    # Settle the device and the weights first: without them, stop before any work.
-    weights_ref = None
-    if config.runs("train"):
-        resolve_device(config.device)
-        weights_ref = weights_handle(config.weights_choice, config.backbone, memo)
-    metadata = extract_stage(config, run, memo)
-    if config.runs("split"):
-        split = run("split", split_dataset, metadata=metadata, per_class=config.per_class, seed=config.seed,
-                    split_by=config.split_by, val_frac=config.val_frac, test_frac=config.test_frac)
-    if config.runs("decode"):
-        sampled = images_handle(split["outputs"]["manifest"]["path"], split["image_root"], memo)
-        decoded = run("decode", decode_images, split=split, images=sampled, image_size=config.image_size)
-    if config.runs("train"):
-        settings = TrainSettings(**{f.name: getattr(config, f.name) for f in fields(TrainSettings)
-                                    if hasattr(config, f.name)})
-        trained = run("train", train_model, decoded=decoded, weights=weights_ref, settings=settings,
-                      device=config.device)
-    if config.runs("evaluate"):
-        evaluated = run("evaluate", evaluate_model, decoded=decoded, trained=trained,
-                        eval_batch_size=config.eval_batch_size, device=config.device)
-    # Embedding, feature maps and explanations only read the trained model: they run concurrently.
-    started = []
-    if config.runs("embed"):
-        started.append(run.start("embed", embed_features, decoded=decoded, trained=trained,
-                                 tsne_perplexity=config.tsne_perplexity, seed=config.seed, device=config.device))
-    if config.runs("featuremaps"):
-        started.append(run.start("featuremaps", feature_maps, decoded=decoded, trained=trained,
-                                 layers=config.feature_layer_list, images_per_class=config.feature_images,
-                                 channels=config.feature_channels, device=config.device))
-    if config.runs("explain"):
-        started.append(run.start("explain", explain_model, decoded=decoded, trained=trained,
-                                 cam_layer=config.cam_layer, classes=config.explain_class_list,
-                                 images_per_class=config.explain_images, sanity_check=config.sanity_check,
-                                 seed=config.seed, device=config.device))
-    finished = {stage[0]: run.finish(stage) for stage in started}
-    if config.runs("report"):
-        run("report", make_report, config=config.as_dict(),
-            stages={"split": split, "train": trained, "evaluate": evaluated, **finished})
+def finish(settings: RunSettings, out: Path, inputs: Inputs, runner: Runner) -> dict:
+    """Publish this run's artifacts, append it to the run table, record its data fingerprint."""
+    from prefect.runtime import flow_run
+    from prefect.variables import Variable
+
+    from flows.publish import run_report, run_tables
+    from tasks.artifacts import publish_run
+
+    results = runner.results
+    data = None
+    if "split" in results:
+        data = runs.fingerprint({name: inputs.get(name, results, str(out)) for name in ("source", "listing", "images")},
+                                results["split"])
+    previous = runs.read_runs(out)
+    row = runs.make_row(str(flow_run.get_id() or "local"), settings, results, runner.states, data)
+    runs.append_run(out, row)
+    publish_run(run_tables(out, results, [*previous, row]), run_report(out, results, previous, row))
+    if data is not None:
+        Variable.set(runs.state_variable(settings), {"fingerprint": data, "drawn": row["drawn"], "run_id": row["run_id"],
+                                                     "time": row["time"]}, overwrite=True)
+    return row
 
 
 def with_task_runner(task_runner: str = "thread", dask_address: str | None = None):

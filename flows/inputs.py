@@ -1,56 +1,120 @@
-"""Turn the user's data options into content-hashed handles for the cache keys."""
+"""This run's external inputs: where they are now, and a content hash of each.
+
+Locations always come from the run's own options, never from a cached result, so a moved
+dataset with identical bytes is served from the cache and read from its new place.
+"""
 
 from __future__ import annotations
 
+import functools
+import json
+import os
+from importlib.metadata import version
 from pathlib import Path
 
-from tasks.extract import list_images
+from tasks.errors import DataError
 from tasks.hashing import HashMemo, sha256_json
-from tasks.sources import DataError, default_image_root, detect_format
+from tasks.sources import default_image_root, detect_format, list_images
+from tasks.stage import output_path
+
+DEMO_ROOT = Path("data/demo")
+DEMO_STAMP = ".agelens-demo.json"
 
 
-def open_memo(out: str) -> HashMemo:
+def open_memo(out: str | Path) -> HashMemo:
     """The file-hash memo kept under an output folder."""
     return HashMemo(Path(out) / ".cache" / "file-hashes.sqlite")
 
 
-def data_handles(data: str, images: str | None, memo: HashMemo) -> tuple[dict, dict, str]:
-    """(source handle, image-root handle, format); raises DataError naming what is wrong."""
-    source = Path(data).expanduser().resolve()
-    fmt = detect_format(source)
-    root = Path(images).expanduser().resolve() if images else default_image_root(source, fmt)
-    if not root.is_dir():
-        hint = "" if images else " (pass --images DIR)"
-        raise DataError(f"image folder not found: {root}{hint}")
-    # The extract stage only needs which files exist, so the folder's key is its listing;
-    # image contents are keyed later, by the stages that decode them.
-    listing = {"path": str(root), "sha256": sha256_json(sorted(list_images(root)))}
-    if fmt == "folders":
-        return listing, listing, fmt
+def demo_is_current(root: Path, stamp: dict) -> bool:
+    """True when `root` holds a complete demo made from this spec by this code."""
     try:
-        digest = memo.file(source)
-    except OSError as error:
-        raise DataError(f"cannot read metadata {source}: {error.strerror}") from error
-    return {"path": str(source), "sha256": digest}, listing, fmt
+        found = json.loads((root / DEMO_STAMP).read_text())
+    except (OSError, ValueError):
+        return False
+    return {k: found.get(k) for k in stamp} == stamp and "summary" in found
 
 
-def images_handle(manifest_path: str, image_root: str, memo: HashMemo) -> dict:
-    """Content hash of every image a manifest names (re-hashing only changed files)."""
-    import pandas as pd
+class Inputs:
+    """Content handles of the data a run reads, computed on first use and remembered."""
 
-    paths = sorted(pd.read_parquet(manifest_path, columns=["path"])["path"])
-    root = Path(image_root)
-    digests = memo.files(root / p for p in paths)
-    return {"path": str(root), "sha256": sha256_json(list(zip(paths, digests)))}
+    def __init__(self, data: str, images: str | None, weights: str, backbone: str, memo: HashMemo):
+        self.data, self.images_option, self.weights_choice, self.backbone = data, images, weights, backbone
+        self.memo = memo
+        self._cache: dict[str, dict] = {}
 
+    def get(self, name: str, upstream: dict[str, dict], out: str) -> dict:
+        if name not in self._cache:
+            if name == "images":
+                self._cache[name] = self.sampled_images(output_path(out, upstream["split"], "manifest"))
+            else:
+                self._cache[name] = {"source": self.source, "listing": self.listing, "weights": self.weights}[name]()
+        return self._cache[name]
 
-def weights_handle(choice: str, backbone: str, memo: HashMemo) -> dict:
-    """'none', 'imagenet' (downloaded into torch's hub cache when missing) or a local file."""
-    from tasks.models import ensure_pretrained
+    @functools.cached_property
+    def located(self) -> tuple[Path, str, Path]:
+        """(metadata file or label-folder root, its format, image root)."""
+        source = Path(self.data).expanduser().resolve()
+        fmt = detect_format(source)
+        root = Path(self.images_option).expanduser().resolve() if self.images_option else default_image_root(source, fmt)
+        if not root.is_dir():
+            hint = "" if self.images_option else " (pass --images DIR)"
+            raise DataError(f"image folder not found: {root}{hint}")
+        return source, fmt, root
 
-    if choice == "none":
-        return {"kind": "none"}
-    path = ensure_pretrained(backbone) if choice == "imagenet" else Path(choice).expanduser().resolve()
-    if not path.is_file():
-        raise DataError(f"weights file not found: {path}")
-    return {"kind": choice if choice == "imagenet" else "file", "path": str(path), "sha256": memo.file(path)}
+    def source(self) -> dict:
+        source, fmt, root = self.located
+        if fmt == "folders":  # the labels are the folder names: the listing is the metadata
+            return {"path": str(source), "format": fmt, "sha256": sha256_json([fmt, self.listing()["sha256"]])}
+        try:
+            digest = self.memo.file(source)
+        except OSError as error:
+            raise DataError(f"cannot read metadata {source}: {error.strerror}") from error
+        return {"path": str(source), "format": fmt, "sha256": sha256_json([fmt, digest])}
+
+    def listing(self) -> dict:
+        """Which image files exist: extract only needs names (contents are keyed by decode)."""
+        _, _, root = self.located
+        found = list_images(root)
+        return {"path": str(root), "sha256": sha256_json([sorted(found.files), sorted(found.outside_root)])}
+
+    def sampled_images(self, manifest: Path) -> dict:
+        """Content hash of every image the split drew (re-hashing only changed files)."""
+        import pyarrow.parquet as pq
+
+        _, _, root = self.located
+        paths = sorted(pq.ParquetFile(manifest).read(columns=["path"]).column("path").to_pylist())
+        try:
+            digests = self.memo.files(root / p for p in paths)
+        except OSError as error:
+            raise DataError(f"cannot read image {error.filename}: {error.strerror}") from error
+        return {"path": str(root), "sha256": sha256_json(list(zip(paths, digests)))}
+
+    def weights(self) -> dict:
+        """'none', 'imagenet' (torch's hub cache) or a local file; content-hashed."""
+        if self.weights_choice == "none":
+            return {"kind": "none", "sha256": "none"}
+        if self.weights_choice == "imagenet":
+            path = self.pretrained_file()
+            if not path.is_file():
+                from tasks.models import ensure_pretrained
+
+                path = ensure_pretrained(self.backbone)
+        else:
+            path = Path(self.weights_choice).expanduser().resolve()
+        if not path.is_file():
+            raise DataError(f"weights file not found: {path}")
+        return {"kind": "imagenet" if self.weights_choice == "imagenet" else "file", "path": str(path),
+                "sha256": self.memo.file(path)}
+
+    def pretrained_file(self) -> Path:
+        """Where torch keeps the ImageNet weights of the backbone (remembered per torchvision
+        version, so a cached run need not import torchvision to know)."""
+        def compute() -> str:
+            from tasks.models import pretrained_file
+
+            return pretrained_file(self.backbone).name
+
+        name = self.memo.remember(f"pretrained/{self.backbone}/{version('torchvision')}", compute)
+        torch_home = os.environ.get("TORCH_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "torch")
+        return Path(torch_home).expanduser() / "hub" / "checkpoints" / name

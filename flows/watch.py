@@ -1,49 +1,90 @@
-"""`watch-sample-size`: emit an event when the sample the pipeline would draw changes.
+"""`watch-data`: ask for a retraining when what the pipeline would train on has changed.
 
-The sample size is what `split` would draw per class: min(per_class, images available)
-for each decade of the configured data. The last value seen is kept in a Prefect
-Variable; the event `agelens.sample-size.changed` (payload: per_class, sample_size,
-previous) is emitted only when the new value differs. The `age-pipeline` deployment's
-trigger turns that event into a run with the new `per_class`.
+The watcher runs the pipeline's cached extract and split stages with the pipeline's own
+settings and takes the data fingerprint: metadata content, image listing, the drawn sample
+and the drawn images' content. Growth below and above the per-class cap both change it. It
+compares that with the fingerprint the last *successful* pipeline run with exactly these
+settings recorded (a Prefect Variable written by the pipeline's last step), so a failed
+retraining is asked for again at the next watch. It emits `agelens.data.changed`, whose
+payload carries the settings; the pipeline deployment's trigger passes them on unchanged.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+import time
 
 from prefect import flow, get_run_logger
 from prefect.events import emit_event
 from prefect.variables import Variable
 
-from flows.age_pipeline import StageRunner, extract_stage
-from flows.config import RunConfig
-from flows.inputs import open_memo
+from flows import preflight, runs
+from flows.age_pipeline import Runner, demo_data
+from flows.graph import selected
+from flows.inputs import Inputs, open_memo
+from flows.locks import active_lock, locked
+from flows.settings import RunSettings
 
-EVENT = "agelens.sample-size.changed"
-RESOURCE = "agelens.sample-size"
-VARIABLE = "agelens_sample_size"
-
-
-def sample_size(per_class_available: dict[str, int], per_class: int) -> dict[str, int]:
-    return {label: min(per_class, n) for label, n in per_class_available.items()}
+EVENT = "agelens.data.changed"
 
 
-@flow(name="watch-sample-size")
-def watch_sample_size(data: str | None = None, images: str | None = None, per_class: int = 200,
-                      out: str = "artifacts", variable: str = VARIABLE) -> dict:
-    config = RunConfig(data=data, images=images, per_class=per_class, out=str(Path(out).resolve()), until="extract")
-    with open_memo(config.out) as memo:
-        metadata = extract_stage(config, StageRunner(config.out), memo)
-    size = sample_size(metadata["summary"]["per_class"], per_class)
-    current = {"data": data, "per_class": per_class, "sample_size": size}
-    previous = Variable.get(variable, default=None)
-    changed = previous != current
+def pipeline_busy(pipeline: str, settings: RunSettings) -> bool:
+    """Whether a run of deployment `pipeline` with these settings is scheduled or running."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterName,
+        FlowFilter,
+        FlowFilterName,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+
+    flow_name, _, deployment = pipeline.partition("/")
+    active = [StateType.SCHEDULED, StateType.PENDING, StateType.RUNNING]
+    with get_client(sync_client=True) as client:
+        found = client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])),
+            deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[deployment])),
+            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=active))))
+    wanted = settings.dump()
+    return any(RunSettings(**r.parameters.get("settings", {})).dump() == wanted for r in found
+               if isinstance(r.parameters.get("settings"), dict))
+
+
+@flow(name="watch-data")
+def watch_data(settings: RunSettings = RunSettings(), pipeline: str = "age-pipeline/demo",
+               min_interval: float = 60.0) -> dict:
+    """Emit `agelens.data.changed` for `pipeline` when the data these settings would train on
+    differs from what its last successful run trained on. `min_interval`: seconds during which
+    the same request is not repeated (the trigger needs a moment to start the run)."""
     log = get_run_logger()
-    if changed:
-        emit_event(event=EVENT, resource={"prefect.resource.id": RESOURCE, "prefect.resource.name": data or "demo"},
-                   payload={**current, "previous": previous})
-        Variable.set(variable, current, overwrite=True)
-        log.info("sample size changed to %s (was %s): emitted %s", size, previous and previous["sample_size"], EVENT)
-    else:
-        log.info("sample size unchanged: %s", size)
-    return {"changed": changed, **current}
+    out = preflight.writable_out(settings.out)
+    with locked(active_lock(out), shared=True), open_memo(out) as memo:
+        inputs = Inputs(settings.data or demo_data(), settings.images, settings.weights_choice, settings.backbone, memo)
+        runner = Runner(settings, out, inputs)
+        runner.run(selected("split"))
+        data = runs.fingerprint({name: inputs.get(name, runner.results, str(out)) for name in ("source", "listing", "images")},
+                                runner.results["split"])
+    drawn = runner.results["split"]["summary"]["per_class"]
+    last = Variable.get(runs.state_variable(settings), default=None)
+    report = {"fingerprint": data, "drawn": drawn, "previous": last, "emitted": False}
+    if last and last.get("fingerprint") == data:
+        log.info("data unchanged since the last successful run (%s): %s", data[:8], drawn)
+        return report
+    asked = Variable.get(runs.emitted_variable(settings), default=None)
+    if asked and asked.get("fingerprint") == data and time.time() - asked.get("time", 0) < min_interval:
+        log.info("retraining on data %s was asked for %.0f s ago; waiting for it", data[:8], time.time() - asked["time"])
+        return report
+    if pipeline_busy(pipeline, settings):
+        log.info("a run of %s with these settings is already scheduled or running; not asking again", pipeline)
+        return report
+    emit_event(event=EVENT, resource={"prefect.resource.id": f"agelens.data.{runs.settings_digest(settings)}",
+                                      "prefect.resource.name": settings.data or "demo", "agelens.pipeline": pipeline},
+               payload={"settings": settings.dump(), "fingerprint": data, "drawn": drawn,
+                        "previous": last and last.get("fingerprint")})
+    Variable.set(runs.emitted_variable(settings), {"fingerprint": data, "time": time.time()}, overwrite=True)
+    log.info("data changed (%s -> %s), drawn per class %s: asked %s to retrain", (last or {}).get("fingerprint", "none")[:8],
+             data[:8], drawn, pipeline)
+    return {**report, "emitted": True}

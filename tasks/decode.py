@@ -1,30 +1,38 @@
-"""Stage: decode and resize every manifest image once, into a memory-mapped uint8 array.
+"""Stage: decode and resize every sampled image once, into one uint8 array on disk.
 
-Training, evaluation, embedding and explanations all read this array instead of
-decoding JPEGs with PIL every epoch. Images that cannot be decoded are excluded here,
-when first decoded, and counted.
+Training, evaluation, embedding and explanations read this array (as a memmap, in batches)
+instead of decoding JPEGs every epoch. Images are decoded by a thread pool (PIL releases the
+GIL), a few at a time, and each decoded image is appended to the array file in manifest
+order, so memory stays bounded whatever the sample size, and an image that cannot be decoded
+is simply left out (and counted) without a second copy.
 """
 
 from __future__ import annotations
 
 import os
+import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
-from prefect import get_run_logger, task
+from tqdm.auto import tqdm
 
-from tasks.stage import StageKey, task_output, write_json
+from tasks.errors import DataError
+from tasks.stage import Job, logger
 
-ARRAY = "images.u8"
+GROUP = 16  # images per unit of work: small enough to keep every thread busy
 
 
 def decode_one(path: Path, size: int) -> np.ndarray | None:
-    """RGB uint8 (size, size, 3), or None when the file is not a readable image."""
+    """RGB uint8 (size, size, 3), or None when the file is not a readable image. JPEG's draft
+    mode decodes at a reduced scale when that still covers `size` (and straight to RGB)."""
     try:
         with Image.open(path) as image:
+            if image.format == "JPEG":
+                image.draft("RGB", (size, size))
             image = image.convert("RGB")
             if image.size != (size, size):
                 image = image.resize((size, size), Image.BILINEAR, reducing_gap=None)
@@ -33,57 +41,85 @@ def decode_one(path: Path, size: int) -> np.ndarray | None:
         return None
 
 
-def decode_all(paths: list[str], root: Path, size: int, target: np.ndarray, threads: int) -> np.ndarray:
-    """Fill `target[i]` with image i; return a mask of the images that decoded."""
+def decode_into(sink, paths: list[str], root: Path, size: int, threads: int, on_progress=None) -> np.ndarray:
+    """Append each decodable image of `paths` to the binary file `sink`, in order; return the
+    mask of those that decoded. At most a few groups per thread are held in memory."""
     ok = np.zeros(len(paths), dtype=bool)
 
-    def work(i: int) -> None:
-        pixels = decode_one(root / paths[i], size)
-        if pixels is not None:
-            target[i] = pixels
-            ok[i] = True
+    def work(start: int) -> list[np.ndarray | None]:
+        return [decode_one(root / p, size) for p in paths[start:start + GROUP]]
 
-    with ThreadPoolExecutor(max_workers=threads) as pool:  # PIL releases the GIL while decoding
-        list(pool.map(work, range(len(paths))))
+    starts = iter(range(0, len(paths), GROUP))
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="agelens-decode") as pool:
+        pending: deque = deque()
+
+        def top_up() -> None:
+            while len(pending) < 4 * threads and (start := next(starts, None)) is not None:
+                pending.append((start, pool.submit(work, start)))
+
+        top_up()
+        while pending:
+            start, future = pending.popleft()
+            top_up()
+            for i, pixels in enumerate(future.result(), start):
+                if pixels is not None:
+                    sink.write(pixels)
+                    ok[i] = True
+            if on_progress:
+                on_progress(min(start + GROUP, len(paths)))
     return ok
 
 
-def open_images(handle: dict) -> tuple[pd.DataFrame, np.ndarray]:
-    """(manifest of decoded images, read-only (N, S, S, 3) uint8 memmap) of a decode result."""
-    index = pd.read_parquet(handle["outputs"]["index"]["path"])
-    size = handle["summary"]["image_size"]
-    array = np.memmap(handle["outputs"]["images"]["path"], dtype=np.uint8, mode="r",
-                      shape=(len(index), size, size, 3))
-    return index, array
+class DecodeProgress:
+    """Images/s and the time left, in the terminal (tqdm), the log and the Prefect UI."""
+
+    def __init__(self, total: int, log, every: float = 30.0):
+        from tasks.artifacts import Progress
+
+        self.total, self.log, self.every = total, log, every
+        self.began = self.logged = time.monotonic()
+        self.bar = tqdm(total=total, desc="decode", unit="img", disable=None)
+        self.artifact = Progress("decode_progress", f"Decoding {total:,} images", total)
+
+    def __call__(self, done: int) -> None:
+        self.bar.update(done - self.bar.n)
+        elapsed = time.monotonic() - self.began
+        rate = done / max(elapsed, 1e-9)
+        text = f"decoded {done:,} of {self.total:,} images ({rate:,.0f}/s, {(self.total - done) / max(rate, 1e-9):,.0f} s left)"
+        self.artifact(done, text)
+        if done == self.total or time.monotonic() - self.logged >= self.every:
+            self.logged = time.monotonic()
+            self.log.info(text)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
-@task(name="decode", cache_key_fn=StageKey("decode", ("tasks.decode",)), persist_result=True,
-      result_serializer="json")
-def decode_images(split: dict, images: dict, image_size: int, out: str) -> dict:
-    log = get_run_logger()
-    manifest = pd.read_parquet(split["outputs"]["manifest"]["path"])
-    root = Path(images["path"])
-    with task_output() as out_dir:
-        scratch = np.lib.format.open_memmap(out_dir.path("scratch.npy"), mode="w+", dtype=np.uint8,
-                                            shape=(len(manifest), image_size, image_size, 3))
-        ok = decode_all(manifest["path"].tolist(), root, image_size, scratch, threads=os.cpu_count() or 1)
+def run(job: Job) -> dict:
+    log = logger()
+    size = job.settings["image_size"]
+    manifest = pd.read_parquet(job.path("split", "manifest"))
+    root = Path(job.inputs["images"]["path"])
+    progress = DecodeProgress(len(manifest), log)
+    began = time.monotonic()
+    with job.output() as out:
+        try:
+            with open(out.path("images.u8"), "wb") as sink:
+                ok = decode_into(sink, manifest["path"].tolist(), root, size, os.cpu_count() or 1, progress)
+        finally:
+            progress.close()
+        seconds = time.monotonic() - began
         bad = manifest.loc[~ok, "path"].tolist()
         for path in bad[:5]:
             log.warning("excluded undecodable image %s", path)
+        if not ok.any():
+            raise DataError(f"no image of the sample could be decoded (e.g. {', '.join(bad[:3])}) under {root}")
         kept = manifest[ok].reset_index(drop=True)
-        if kept.empty:
-            raise ValueError("no image of the sample could be decoded")
-        kept = kept.assign(row=np.arange(len(kept)))
-        packed = np.memmap(out_dir.path(ARRAY), dtype=np.uint8, mode="w+", shape=(len(kept), image_size, image_size, 3))
-        packed[:] = scratch[ok]
-        packed.flush()
-        del packed, scratch
-        os.remove(out_dir.path("scratch.npy"))
-        kept.to_parquet(out_dir.path("index.parquet"), index=False)
-        summary = {"image_size": image_size, "images": int(len(kept)), "undecodable": len(bad),
-                   "undecodable_examples": bad[:5],
-                   "per_split": {str(k): int(v) for k, v in kept["split"].value_counts().items()}}
-        write_json(out_dir.path("summary.json"), summary)
-        log.info("decoded %d images at %d px (%d undecodable)", len(kept), image_size, len(bad))
-        return {"summary": summary, "classes": split["classes"],
-                "outputs": {"images": out_dir.handle(ARRAY), "index": out_dir.handle("index.parquet")}}
+        kept.to_parquet(out.path("index.parquet"), index=False)
+        out.add("images", "images.u8", same_as_key=True)  # hashing 25 GB would double the stage's time
+        out.add("index", "index.parquet")
+        summary = {"image_size": size, "images": int(len(kept)), "undecodable": len(bad), "undecodable_examples": bad[:5],
+                   "per_split": {str(k): int(v) for k, v in kept["split"].value_counts().items()},
+                   "seconds": round(seconds, 2), "images_per_s": round(len(manifest) / max(seconds, 1e-9), 1)}
+        log.info("decoded %d images at %d px in %.1f s (%d undecodable)", len(kept), size, seconds, len(bad))
+        return out.finish(summary, meta={"image_size": size, "classes": job.upstream["split"]["meta"]["classes"]})

@@ -9,20 +9,18 @@ and often two decades, which is what makes an identity-disjoint split matter.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import scipy.io
 from PIL import Image, ImageDraw, ImageFilter
-from prefect import get_run_logger, task
 
-from tasks.sources import DataError
-from tasks.stage import StageKey, code_digest, write_json
+from tasks.errors import DataError
+from tasks.stage import write_json
 
 IMAGE_SIZE = 250
 YEARS = tuple(range(2004, 2014))
@@ -189,42 +187,19 @@ def decade_counts(spec: DemoSpec) -> dict[str, int]:
     return counts
 
 
-STAMP = ".agelens-demo.json"
-
-
-def demo_stamp(spec: DemoSpec) -> dict:
-    return {"spec": asdict(spec), "code": code_digest(("tasks.demo",))}
-
-
-def demo_is_current(root: Path, spec: DemoSpec) -> bool:
-    """True when `root` holds a complete demo made from this spec by this code."""
-    try:
-        stamp = json.loads((root / STAMP).read_text())
-    except (OSError, ValueError):
-        return False
-    return {k: stamp.get(k) for k in ("spec", "code")} == demo_stamp(spec) and "summary" in stamp
-
-
-@task(name="demo", cache_key_fn=StageKey("demo", ("tasks.demo",)), persist_result=True,
-      result_serializer="json")
-def make_demo(root: str, identities: int, seed: int, out: str) -> dict:
-    """Generate the demo dataset into `root`, replacing only an earlier demo."""
-    root_path = Path(root)
-    spec = DemoSpec(identities=identities, seed=seed)
-    outputs = {"metadata": str(root_path / "celebrity2000_meta.mat"), "images": str(root_path / "CACD2000")}
-    if demo_is_current(root_path, spec):  # e.g. a new --out folder: the data is already there
-        return {"summary": json.loads((root_path / STAMP).read_text())["summary"], "outputs": outputs}
-    if root_path.exists() and not (root_path / STAMP).exists():
-        raise DataError(f"{root_path} exists and was not made by agelens; move it away or pass --data")
-    tmp = root_path.with_name(f"{root_path.name}.tmp-{uuid.uuid4().hex[:8]}")
+def make_demo(root: Path, spec: DemoSpec, stamp: dict, stamp_name: str) -> dict:
+    """Generate the demo dataset into `root`, replacing only an earlier demo (marked by its
+    stamp file); built in a temporary folder and renamed, so it appears whole."""
+    if root.exists() and not (root / stamp_name).exists():
+        raise DataError(f"{root} exists and was not made by agelens; move it away or pass --data")
+    tmp = root.with_name(f"{root.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         tmp.mkdir(parents=True)
         summary = write_demo(tmp, spec)
-        write_json(tmp / STAMP, {**demo_stamp(spec), "summary": summary})
+        write_json(tmp / stamp_name, {**stamp, "summary": summary})
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    shutil.rmtree(root_path, ignore_errors=True)
-    os.replace(tmp, root_path)
-    get_run_logger().info("demo dataset: %d images of %d identities in %s", summary["images"], identities, root)
-    return {"summary": summary, "outputs": outputs}
+    shutil.rmtree(root, ignore_errors=True)
+    os.replace(tmp, root)
+    return summary

@@ -1,27 +1,16 @@
-"""Stage: score the kept model on val (and test): metrics, predictions and plots."""
+"""Stage: score the kept model on val (and test): metrics, predictions and the confusion heatmap."""
 
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-import torch
-from prefect import get_run_logger, task
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
 from tasks import plots
-from tasks.decode import open_images
-from tasks.models import build_model
-from tasks.report import publish_evaluation
-from tasks.sources import DECADE
-from tasks.stage import StageKey, task_output, write_json
-from tasks.train import Runtime, predict, prepare
-
-
-def decade_values(classes: list[str]) -> np.ndarray | None:
-    """Numeric decade of each class ('20s' -> 20), or None when the labels are not decades."""
-    if not all(DECADE.match(c) for c in classes):
-        return None
-    return np.array([int(c[:-1]) for c in classes], dtype=float)
+from tasks.arrays import open_decoded, rows_of
+from tasks.inference import load_trained, predict, runtime_for
+from tasks.labels import decade_values
+from tasks.stage import Job, logger, write_json
 
 
 def classification_metrics(actual: np.ndarray, predicted: np.ndarray, classes: list[str]) -> dict:
@@ -31,7 +20,7 @@ def classification_metrics(actual: np.ndarray, predicted: np.ndarray, classes: l
     precision, recall, f1, support = precision_recall_fscore_support(
         actual, predicted, labels=labels, zero_division=0)
     decades = decade_values(classes)
-    mae = float(np.abs(decades[actual] - decades[predicted]).mean() / 10) if decades is not None else None
+    mae = None if decades is None else float(np.abs(np.array(decades)[actual] - np.array(decades)[predicted]).mean() / 10)
     return {
         "images": int(len(actual)),
         "accuracy": float(accuracy_score(actual, predicted)),
@@ -44,52 +33,37 @@ def classification_metrics(actual: np.ndarray, predicted: np.ndarray, classes: l
     }
 
 
-def load_trained(trained: dict, runtime: Runtime) -> torch.nn.Module:
-    model = build_model(trained["backbone"], len(trained["classes"]))
-    model.load_state_dict(torch.load(trained["outputs"]["model"]["path"], map_location="cpu", weights_only=True))
-    return prepare(model, runtime).eval()
-
-
-@task(name="evaluate", cache_key_fn=StageKey("evaluate", ("tasks.evaluate", "tasks.plots")), persist_result=True,
-      result_serializer="json")
-def evaluate_model(decoded: dict, trained: dict, eval_batch_size: int, device: str, out: str) -> dict:
-    log = get_run_logger()
-    index, images = open_images(decoded)
-    classes = trained["classes"]
-    runtime = Runtime.resolve(device, trained["settings"]["precision"], trained["settings"]["channels_last"])
-    model = load_trained(trained, runtime)
-    history = pd.read_parquet(trained["outputs"]["history"]["path"])
+def run(job: Job) -> dict:
+    log = logger()
+    index, array = open_decoded(job)
+    classes = job.upstream["train"]["meta"]["classes"]
+    runtime = runtime_for(job)
+    model = load_trained(job, runtime)
     metrics, tables = {}, []
     for split in ("val", "test"):
-        mask = (index["split"] == split).to_numpy()
-        if not mask.any():
+        rows = rows_of(index, split)
+        if not len(rows):
             continue
-        probs = predict(model, images[mask], runtime, eval_batch_size)
-        actual = index.loc[mask, "class_index"].to_numpy()
+        probs = predict(model, array, rows, runtime, job.settings["eval_batch_size"])
+        actual = index.loc[rows, "class_index"].to_numpy()
         predicted = probs.argmax(1)
         metrics[split] = classification_metrics(actual, predicted, classes)
-        table = pd.DataFrame({"path": index.loc[mask, "path"].to_numpy(), "split": split,
+        table = pd.DataFrame({"path": index.loc[rows, "path"].to_numpy(), "split": split,
                               "actual": [classes[i] for i in actual], "predicted": [classes[i] for i in predicted]})
         for i, name in enumerate(classes):
             table[f"prob_{name}"] = probs[:, i]
         tables.append(table)
         log.info("%s: accuracy %.3f, macro-F1 %.3f, MAE %s decades", split, metrics[split]["accuracy"],
                  metrics[split]["macro_f1"], metrics[split]["mae_decades"])
-    with task_output() as out_dir:
-        pd.concat(tables, ignore_index=True).to_parquet(out_dir.path("predictions.parquet"), index=False)
-        write_json(out_dir.path("metrics.json"), metrics)
-        publish_evaluation(metrics, classes)
-        history.to_csv(out_dir.path("history.csv"), index=False)
-        history.to_parquet(out_dir.path("history.parquet"), index=False)
-        plots.save(plots.training_curves(history), out_dir.path("curves.png"))
-        outputs = {"predictions": "predictions.parquet", "metrics": "metrics.json", "history": "history.csv",
-                   "history_parquet": "history.parquet", "curves": "curves.png"}
+    with job.output() as out:
+        pd.concat(tables, ignore_index=True).to_parquet(out.path("predictions.parquet"), index=False)
+        write_json(out.path("metrics.json"), metrics)
+        out.add("predictions", "predictions.parquet")
+        out.add("metrics", "metrics.json")
         for split, m in metrics.items():
             name = f"confusion_{split}.png"
             plots.save(plots.confusion_heatmap(np.array(m["confusion"]), classes, f"{split} confusion (per actual)"),
-                       out_dir.path(name))
-            outputs[f"confusion_{split}"] = name
+                       out.path(name))
+            out.add(f"confusion_{split}", name)
         summary = {split: {k: m[k] for k in ("images", "accuracy", "macro_f1", "mae_decades")} for split, m in metrics.items()}
-        summary["best_epoch"] = int(history.loc[history["kept"], "epoch"].iloc[0])
-        return {"summary": summary, "metrics": metrics, "classes": classes,
-                "outputs": {k: out_dir.handle(v) for k, v in outputs.items()}}
+        return out.finish(summary, meta={"classes": classes})

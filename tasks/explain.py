@@ -1,122 +1,175 @@
-"""Stage: Grad-CAM, guided backprop and guided Grad-CAM strips, with a sanity check."""
+"""Stage: explanations of a few validation images per chosen class, and the evidence that they
+reflect the model: CAM methods, guided backprop and guided Grad-CAM; deletion/insertion
+faithfulness against a random baseline; cascading model randomisation; the random-logit test."""
 
 from __future__ import annotations
 
-import copy
-import warnings
+import time
 
 import numpy as np
 import pandas as pd
 import torch
-from prefect import get_run_logger, task
-from scipy.stats import ConstantInputWarning, spearmanr
 
 from tasks import plots
-from tasks.attribution import grad_cam, guided_backprop, guided_grad_cam, resolve_layer
-from tasks.decode import open_images
-from tasks.evaluate import load_trained
-from tasks.featuremaps import pick_per_class
-from tasks.models import last_linear_name
-from tasks.sources import DataError
-from tasks.stage import StageKey, task_output, write_json
-from tasks.train import Runtime, normalise, to_float
+from tasks.arrays import open_decoded
+from tasks.attribution import cam_layer_of, cam_maps, guided_backprop, guided_grad_cam
+from tasks.errors import DataError
+from tasks.faithfulness import RANDOM, area, curves, random_saliency
+from tasks.inference import load_trained, model_input, runtime_for
+from tasks.picking import first_per_class
+from tasks.randomisation import cascade, rank_correlation, saliency
+from tasks.stage import Job, logger
 
-METHODS = ("grad_cam", "guided_backprop", "guided_grad_cam")
+GUIDED = ("guided_backprop", "guided_grad_cam")
 
 
-def explain_batch(model, x: torch.Tensor, cam_layer: str, targets: torch.Tensor | None = None) -> dict[str, np.ndarray]:
-    """All three maps for a batch; targets default to the predicted classes."""
-    cams, logits = grad_cam(model, x, cam_layer, targets)
-    targets = logits.argmax(1) if targets is None else targets
+class Clock:
+    """Seconds spent per method, summed over the stage."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    def add(self, name: str, began: float) -> None:
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - began
+
+
+def explain_batch(model, x: torch.Tensor, cam_layer: str, methods: list[str], targets: torch.Tensor | None = None,
+                  clock: Clock | None = None) -> dict[str, np.ndarray]:
+    """Every map for a batch (targets default to the predicted classes): the CAM methods,
+    guided backprop and guided Grad-CAM (guided backprop times the first CAM method's map)."""
+    clock = clock or Clock()
+    began = time.perf_counter()
+    cams, logits, targets = cam_maps(model, x, cam_layer, methods, targets)
+    clock.add("CAM methods (one shared gradient pass" + (" + ScoreCAM" if "score_cam" in methods else "") + ")", began)
+    began = time.perf_counter()
     guided = guided_backprop(model, x, targets)
-    return {"grad_cam": cams.cpu().numpy(), "guided_backprop": guided.cpu().numpy(),
-            "guided_grad_cam": guided_grad_cam(guided, cams).cpu().numpy(),
-            "targets": targets.cpu().numpy(), "probs": torch.softmax(logits, 1).cpu().numpy()}
+    clock.add("guided_backprop", began)
+    maps = {m: v.cpu().numpy() for m, v in cams.items()}
+    maps["guided_backprop"] = guided.cpu().numpy()
+    maps["guided_grad_cam"] = guided_grad_cam(guided, cams[methods[0]]).cpu().numpy()
+    return {"maps": maps, "targets": targets.cpu().numpy(), "probs": torch.softmax(logits, 1).cpu().numpy()}
 
 
-def randomised_copy(model: torch.nn.Module, layer_specs: list[str], seed: int) -> torch.nn.Module:
-    """A copy with the given layers re-initialised (Adebayo et al. 2018's model-parameter
-    randomisation): each submodule's own `reset_parameters`, and ConvNeXt's layer scale
-    (a bare Parameter) back to torchvision's initial 1e-6."""
-    randomised = copy.deepcopy(model)
-    torch.manual_seed(seed)
-    for spec in layer_specs:
-        for module in resolve_layer(randomised, spec).modules():
-            if hasattr(module, "reset_parameters"):
-                module.reset_parameters()
-            if isinstance(getattr(module, "layer_scale", None), torch.nn.Parameter):
-                torch.nn.init.constant_(module.layer_scale, 1e-6)
-    return randomised
+def adjacent_classes(targets: np.ndarray, n_classes: int) -> np.ndarray:
+    """The neighbouring decade of each target: the next one, or the previous for the last."""
+    return np.where(targets + 1 < n_classes, targets + 1, targets - 1)
 
 
-def _saliency(maps: np.ndarray) -> np.ndarray:
-    """Per-pixel magnitude: |map| (N, H, W) for CAMs, max |gradient| over channels for gradients."""
-    return np.abs(maps).max(1) if maps.ndim == 4 else np.abs(maps)
+def faithfulness_tables(result: dict, labels: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(per image, per method and class) deletion and insertion areas."""
+    rows = [{"method": method, "image": i, "class": labels[i], "deletion_auc": float(d), "insertion_auc": float(a)}
+            for method, c in result.items() for i, (d, a) in enumerate(zip(area(c["deletion"]), area(c["insertion"])))]
+    per_image = pd.DataFrame(rows)
+    overview = per_image.groupby(["method", "class"], sort=False).agg(
+        deletion_auc=("deletion_auc", "mean"), insertion_auc=("insertion_auc", "mean"), images=("image", "count"))
+    return per_image, overview.reset_index()
 
 
-def rank_correlations(trained: dict[str, np.ndarray], randomised: dict[str, np.ndarray]) -> pd.DataFrame:
+def randomisation_table(model, x, cam_layer: str, methods: list[str], trained: dict, seed: int, clock: Clock
+                        ) -> pd.DataFrame:
     rows = []
-    for method in METHODS:
-        a, b = _saliency(trained[method]), _saliency(randomised[method])
-        for i in range(len(a)):
-            with warnings.catch_warnings():  # a constant map gives NaN, reported as undefined
-                warnings.simplefilter("ignore", ConstantInputWarning)
-                rho = spearmanr(a[i].ravel(), b[i].ravel()).statistic
-            rows.append({"method": method, "image": i, "spearman": float(rho)})
+    targets = torch.as_tensor(trained["targets"], device=x.device)
+    for step, (name, randomised) in enumerate(cascade(model, seed), start=1):
+        began = time.perf_counter()
+        maps = explain_batch(randomised, x, cam_layer, methods, targets)["maps"]
+        clock.add("cascading randomisation", began)
+        for method, values in maps.items():
+            for i, rho in enumerate(rank_correlation(trained["maps"][method], values)):
+                rows.append({"step": step, "reinitialised": name, "method": method, "image": i, "spearman": rho})
     return pd.DataFrame(rows)
 
 
-@task(name="explain", cache_key_fn=StageKey("explain", ("tasks.explain", "tasks.attribution", "tasks.plots")),
-      persist_result=True, result_serializer="json")
-def explain_model(decoded: dict, trained: dict, cam_layer: str, classes: list[str], images_per_class: int,
-                  sanity_check: bool, seed: int, device: str, out: str) -> dict:
-    log = get_run_logger()
-    unknown = [c for c in classes if c not in trained["classes"]]
+def run(job: Job) -> dict:
+    log = logger()
+    settings = job.settings
+    classes = job.upstream["train"]["meta"]["classes"]
+    unknown = [c for c in settings["explain_classes"] if c not in classes]
     if unknown:
-        raise DataError(f"--explain-classes {unknown} are not among the model's classes {trained['classes']}")
-    index, images = open_images(decoded)
-    runtime = Runtime.resolve(device, "fp32", trained["settings"]["channels_last"])
-    model = load_trained(trained, runtime)
-    resolve_layer(model, cam_layer)
-    picked = pick_per_class(index, "val", classes, images_per_class)
-    for label in set(classes) - set(picked):
+        raise DataError(f"--explain-classes {', '.join(unknown)} not among the model's classes {', '.join(classes)}")
+    index, array = open_decoded(job)
+    runtime = runtime_for(job)
+    model = load_trained(job, runtime.exact())
+    cam_layer = cam_layer_of(model, settings["cam_layer"])
+    methods = list(settings["cam_methods"])
+    picked = first_per_class(index, "val", settings["explain_classes"], settings["explain_images"])
+    for label in set(settings["explain_classes"]) - set(picked):
         log.warning("no validation image of class %s to explain", label)
+    if not picked:
+        raise DataError(f"no validation image of {', '.join(settings['explain_classes'])} to explain")
     rows = np.concatenate(list(picked.values()))
-    x = normalise(to_float(images[rows], runtime))
-    maps = explain_batch(model, x, cam_layer)
+    x = model_input(torch.from_numpy(array[rows]), runtime.exact())
+    clock = Clock()
+    trained = explain_batch(model, x, cam_layer, methods, clock=clock)
+    maps = trained["maps"]
     actual = index.loc[rows, "label"].tolist()
-    predicted = [trained["classes"][t] for t in maps["targets"]]
-    with task_output() as out_dir:
+    predicted = [classes[t] for t in trained["targets"]]
+
+    began = time.perf_counter()
+    saliencies = {m: saliency(v) for m, v in maps.items()}
+    saliencies[RANDOM] = random_saliency(saliencies[methods[0]].shape, settings["seed"])
+    faithful = curves(model, x, saliencies, torch.as_tensor(trained["targets"], device=x.device),
+                      settings["faithfulness_steps"], runtime.autocast, job.settings["eval_batch_size"])
+    clock.add("faithfulness (deletion + insertion)", began)
+    faith_images, faith_table = faithfulness_tables(faithful, actual)
+
+    with job.output() as out:
         strips = []
-        k_of = {}
         for i, row in enumerate(rows):
-            k = k_of[actual[i]] = k_of.get(actual[i], -1) + 1
-            title = (f"{index.loc[row, 'path']} · actual {actual[i]} · predicted {predicted[i]} "
-                     f"(p={maps['probs'][i].max():.2f}) · Grad-CAM on {cam_layer}")
-            name = f"explain/{actual[i]}/strip_{k}.png"
-            plots.save(plots.explanation_strip(images[row], maps["grad_cam"][i],
-                                               maps["guided_backprop"][i].transpose(1, 2, 0),
-                                               maps["guided_grad_cam"][i].transpose(1, 2, 0), title),
-                       out_dir.path(name), dpi=90)
-            np.savez_compressed(out_dir.path(f"explain/{actual[i]}/maps_{k}.npz"), image=np.asarray(images[row]),
-                                **{m: maps[m][i] for m in METHODS}, target=maps["targets"][i])
-            strips.append(name)
-        outputs = {"strips": out_dir.final_path("explain")}
-        summary = {"cam_layer": cam_layer, "classes": list(picked), "images": len(rows),
-                   "predicted": dict(zip(strips, predicted))}
-        if sanity_check:
-            randomised = randomised_copy(model, [cam_layer, last_linear_name(model)], seed)
-            random_maps = explain_batch(randomised, x, cam_layer, torch.as_tensor(maps["targets"], device=x.device))
-            table = rank_correlations(maps, random_maps)
-            table.to_csv(out_dir.path("sanity_per_image.csv"), index=False)
-            # A constant map (e.g. a Grad-CAM that vanishes after the ReLU) has no rank correlation.
-            overview = table.groupby("method", sort=False)["spearman"].agg(
-                mean="mean", std="std", count="count", undefined=lambda r: int(r.isna().sum())).reset_index()
-            overview.to_csv(out_dir.path("sanity.csv"), index=False)
-            summary["sanity_spearman"] = {m: (None if np.isnan(v) else round(float(v), 4))
-                                          for m, v in zip(overview["method"], overview["mean"])}
-            outputs["sanity"] = out_dir.handle("sanity.csv")
-            log.info("sanity check (rank correlation with a model whose %s and classifier are re-initialised): %s",
-                     cam_layer, summary["sanity_spearman"])
-        write_json(out_dir.path("summary.json"), summary)
-        return {"summary": summary, "outputs": outputs, "strip_files": [out_dir.final_path(s) for s in strips]}
+            k = sum(1 for a in actual[:i] if a == actual[i])
+            image = np.asarray(array[row])
+            title = f"{index.loc[row, 'path']} · actual {actual[i]} · predicted {predicted[i]} (p={trained['probs'][i].max():.2f})"
+            plots.save(plots.explanation_strip(image, maps[methods[0]][i], maps["guided_backprop"][i].transpose(1, 2, 0),
+                                               maps["guided_grad_cam"][i].transpose(1, 2, 0), f"{title} · {cam_layer}"),
+                       out.path(f"explain/{actual[i]}/strip_{k}.png"), dpi=90)
+            plots.save(plots.image_row([(image, "original")] + [(plots.overlay(image, maps[m][i]), m) for m in methods],
+                                       f"{title} · CAM methods on {cam_layer}"),
+                       out.path(f"explain/{actual[i]}/cams_{k}.png"), dpi=80)
+            np.savez_compressed(out.path(f"explain/{actual[i]}/maps_{k}.npz"), image=image, target=trained["targets"][i],
+                                **{m: v[i] for m, v in maps.items()})
+            strips.append(f"explain/{actual[i]}/strip_{k}.png")
+        out.add("explanations", "explain")
+        faith_images.to_csv(out.path("faithfulness_per_image.csv"), index=False)
+        faith_table.to_csv(out.path("faithfulness.csv"), index=False)
+        means = {curve: {m: c[curve].mean(0) for m, c in faithful.items()} for curve in ("deletion", "insertion")}
+        plots.save(plots.curve_panels(means, "share of pixels removed / inserted (most salient first)",
+                                      "probability of the explained class",
+                                      "Faithfulness: deletion (lower is better), insertion (higher is better)"),
+                   out.path("faithfulness.png"))
+        out.add("faithfulness", "faithfulness.csv")
+        out.add("faithfulness_per_image", "faithfulness_per_image.csv")
+        out.add("faithfulness_plot", "faithfulness.png")
+        summary = {"cam_layer": cam_layer, "methods": methods, "classes": list(picked), "images": len(rows),
+                   "predicted": dict(zip(strips, predicted)), "strips": strips,
+                   "faithfulness": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}
+                                    for r in faith_table.to_dict("records")]}
+        if settings["sanity_check"]:
+            steps = randomisation_table(model, x, cam_layer, methods, trained, settings["seed"], clock)
+            steps.to_csv(out.path("randomisation_per_image.csv"), index=False)
+            overview = steps.groupby(["step", "reinitialised", "method"], sort=False)["spearman"].agg(
+                mean="mean", undefined=lambda r: int(r.isna().sum())).reset_index()
+            overview.to_csv(out.path("randomisation.csv"), index=False)
+            lines = {m: g["mean"].to_numpy() for m, g in overview.groupby("method", sort=False)}
+            plots.save(plots.curve_panels({"cascading randomisation": lines}, "layers re-initialised (top down, cumulative)",
+                                          "Spearman rank correlation with the trained model's map",
+                                          "Model randomisation test (near 1 = the map ignores the model)",
+                                          xticks=list(dict.fromkeys(overview["reinitialised"]))),
+                       out.path("randomisation.png"))
+            began = time.perf_counter()
+            other = adjacent_classes(trained["targets"], len(classes))
+            swapped = explain_batch(model, x, cam_layer, methods, torch.as_tensor(other, device=x.device))["maps"]
+            clock.add("random-logit test", began)
+            logit = pd.DataFrame([{"method": m, "spearman": float(pd.Series(rank_correlation(maps[m], swapped[m])).mean()),
+                                   "mean_abs_difference": float(np.abs(saliency(maps[m]) - saliency(swapped[m])).mean())}
+                                  for m in maps])
+            logit.to_csv(out.path("random_logit.csv"), index=False)
+            for name, file in (("randomisation", "randomisation.csv"), ("randomisation_plot", "randomisation.png"),
+                               ("random_logit", "random_logit.csv")):
+                out.add(name, file)
+            summary["randomisation"] = [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}
+                                        for r in overview.to_dict("records")]
+            summary["random_logit"] = [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}
+                                       for r in logit.to_dict("records")]
+        summary["seconds"] = {name: round(s, 2) for name, s in clock.seconds.items()}
+        for name, seconds in clock.seconds.items():
+            log.info("explain: %s took %.2f s", name, seconds)
+        return out.finish(summary)

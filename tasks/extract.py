@@ -1,44 +1,20 @@
-"""Stage 1: metadata -> one validated Parquet row per image."""
+"""Stage: metadata -> one validated Parquet row per image."""
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from prefect import get_run_logger, task
 
-from tasks.report import publish_extract
-from tasks.sources import CACD_FILE, DECADE, DataError, read_source
-from tasks.stage import StageKey, task_output, write_json
+from tasks.errors import DataError
+from tasks.labels import decade_label, label_order
+from tasks.sources import CACD_FILE, Listing, list_images, read_source
+from tasks.stage import Job, logger
 
 MAX_AGE = 120
 UNSAFE = re.compile(r"(?:^|[/\\])\.\.(?:[/\\]|$)")
-
-
-def decade_label(age: int) -> str:
-    """14 -> '10s'; every age of 100 or more folds into '100s'."""
-    return f"{min(int(age), 100) // 10 * 10}s"
-
-
-def label_order(labels) -> list[str]:
-    """Decades in numeric order, any other labels after them alphabetically."""
-    labels = set(labels)
-    decades = sorted((label for label in labels if DECADE.match(label)), key=lambda label: int(label[:-1]))
-    return decades + sorted(labels - set(decades))
-
-
-def list_images(root: Path) -> set[str]:
-    """Every file below `root`, as '/'-separated relative paths; one walk, no stat per file."""
-    found = set()
-    for folder, dirs, files in os.walk(root):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        prefix = os.path.relpath(folder, root).replace(os.sep, "/")
-        prefix = "" if prefix == "." else prefix + "/"
-        found.update(prefix + name for name in files)
-    return found
 
 
 def _identities(table: pd.DataFrame) -> tuple[pd.Series, str]:
@@ -50,7 +26,15 @@ def _identities(table: pd.DataFrame) -> tuple[pd.Series, str]:
     return table["path"], "none: each image is its own identity"
 
 
-def validate(raw: pd.DataFrame, available: set[str]) -> tuple[pd.DataFrame, dict]:
+def _through(paths: pd.Series, links: set[str]) -> pd.Series:
+    """Which paths are one of `links` or lie below one."""
+    if not links:
+        return pd.Series(False, index=paths.index)
+    prefixes = tuple(link + "/" for link in links)
+    return paths.isin(links) | paths.str.startswith(prefixes)
+
+
+def validate(raw: pd.DataFrame, listing: Listing) -> tuple[pd.DataFrame, dict]:
     """Drop unusable rows, counting each by reason; add label, class index and identity."""
     table = raw.copy()
     reasons: dict[str, pd.Series] = {}
@@ -61,7 +45,8 @@ def validate(raw: pd.DataFrame, available: set[str]) -> tuple[pd.DataFrame, dict
         age = pd.to_numeric(table["age"], errors="coerce")
         reasons["age_out_of_range"] = ~age.between(0, MAX_AGE)
     reasons["duplicate_path"] = path.duplicated()
-    reasons["missing_image"] = ~path.isin(available)
+    reasons["symlink_outside_root"] = _through(path, listing.outside_root)
+    reasons["missing_image"] = ~path.isin(listing.files)
 
     keep = pd.Series(True, index=table.index)
     dropped, examples = {}, {}
@@ -79,6 +64,9 @@ def validate(raw: pd.DataFrame, available: set[str]) -> tuple[pd.DataFrame, dict
         table["age"] = table["age"].astype(np.int64)
         table["label"] = [decade_label(a) for a in table["age"]]
     classes = label_order(table["label"])
+    if len(classes) < 2:
+        raise DataError(f"every usable image is in class {classes[0]}: a classifier needs at least two classes "
+                        f"({len(table)} rows kept)")
     table["class_index"] = table["label"].map({c: i for i, c in enumerate(classes)}).astype(np.int64)
     table["identity"], identity_source = _identities(table)
     summary = {
@@ -94,23 +82,20 @@ def validate(raw: pd.DataFrame, available: set[str]) -> tuple[pd.DataFrame, dict
     return table, summary
 
 
-@task(name="extract", cache_key_fn=StageKey("extract", ("tasks.extract", "tasks.sources")),
-      persist_result=True, result_serializer="json")
-def extract_metadata(source: dict, images: dict, fmt: str, out: str) -> dict:
+def run(job: Job) -> dict:
     """Read the metadata, validate it against the image folder, write `metadata.parquet`."""
-    log = get_run_logger()
-    raw = read_source(Path(source["path"]), fmt)
-    table, summary = validate(raw, list_images(Path(images["path"])))
-    summary["source_format"] = fmt
+    log = logger()
+    source, listing = job.inputs["source"], job.inputs["listing"]
+    raw = read_source(Path(source["path"]), source["format"])
+    table, summary = validate(raw, list_images(Path(listing["path"])))
+    summary["source_format"] = source["format"]
     for reason, count in summary["dropped"].items():
         if count:
             log.warning("dropped %d rows: %s (e.g. %s)", count, reason.replace("_", " "),
                         ", ".join(summary["dropped_examples"][reason][:3]))
     log.info("kept %d of %d rows, %d classes, %d identities", summary["rows_out"], summary["rows_in"],
              len(summary["classes"]), summary["identities"])
-    with task_output() as out_dir:
-        table.to_parquet(out_dir.path("metadata.parquet"), index=False)
-        write_json(out_dir.path("summary.json"), summary)
-        publish_extract(summary)
-        return {"summary": summary, "outputs": {"metadata": out_dir.handle("metadata.parquet")},
-                "image_root": images["path"], "dir": str(out_dir.final)}
+    with job.output() as out:
+        table.to_parquet(out.path("metadata.parquet"), index=False)
+        out.add("metadata", "metadata.parquet")
+        return out.finish(summary, meta={"classes": summary["classes"]})

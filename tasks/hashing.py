@@ -46,6 +46,7 @@ class HashMemo:
                 "CREATE TABLE IF NOT EXISTS file_hash (path TEXT PRIMARY KEY,"
                 " size INTEGER, mtime_ns INTEGER, sha256 TEXT)"
             )
+            self._db.execute("CREATE TABLE IF NOT EXISTS remembered (key TEXT PRIMARY KEY, value TEXT)")
 
     def __enter__(self):
         return self
@@ -58,6 +59,19 @@ class HashMemo:
             self._db.commit()
             self._db.close()
             self._db = None
+
+    def remember(self, key: str, compute) -> str:
+        """`compute()` once per `key`: for facts that are slow to derive and never change
+        (e.g. the file name of a library version's pretrained weights)."""
+        if self._db is not None:
+            row = self._db.execute("SELECT value FROM remembered WHERE key = ?", (key,)).fetchone()
+            if row:
+                return row[0]
+        value = compute()
+        if self._db is not None:
+            self._db.execute("INSERT OR REPLACE INTO remembered VALUES (?, ?)", (key, value))
+            self._db.commit()
+        return value
 
     def file(self, path: str | os.PathLike) -> str:
         return self.files([path])[0]

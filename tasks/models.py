@@ -9,7 +9,7 @@ import torch
 import torchvision
 from torch import nn
 
-from tasks.sources import DataError
+from tasks.errors import DataError
 
 PRETRAINED = "IMAGENET1K_V1"  # the reference's weights
 
@@ -106,22 +106,51 @@ def convnext_narrow(**kwargs) -> nn.Module:
 LOCAL_MODELS = {"convnext_narrow": convnext_narrow}
 
 
-def _instantiate(backbone: str) -> nn.Module:
+def known_backbones() -> list[str]:
+    return sorted([*LOCAL_MODELS, *torchvision.models.list_models(module=torchvision.models)])
+
+
+def _instantiate(backbone: str, image_size: int | None) -> nn.Module:
     if backbone in LOCAL_MODELS:
         return LOCAL_MODELS[backbone]()
-    try:
-        return torchvision.models.get_model(backbone, weights=None)
-    except ValueError as error:
-        raise DataError(f"unknown backbone {backbone!r}: {error}") from error
+    if backbone not in torchvision.models.list_models(module=torchvision.models):
+        raise DataError(f"unknown backbone {backbone!r}: not a torchvision classifier (e.g. convnext_tiny, resnet18, "
+                        "efficientnet_b0, vit_b_16, swin_t) nor convnext_narrow")
+    # A ViT's position embeddings are sized for one input size.
+    extra = {"image_size": image_size} if backbone.startswith("vit_") and image_size else {}
+    return torchvision.models.get_model(backbone, weights=None, **extra)
 
 
-def build_model(backbone: str, num_classes: int, weights: str | None = None) -> nn.Module:
+def minimum_image_size(backbone: str, image_size: int) -> int | None:
+    """None when `backbone` runs at `image_size`; else the smallest size it runs at (found by
+    trying: the limit comes from strides and kernel sizes, which differ per family)."""
+    shared = None if backbone.startswith("vit_") else _instantiate(backbone, None).eval()
+
+    def runs(size: int) -> bool:
+        try:
+            model = shared or _instantiate(backbone, size).eval()
+            with torch.no_grad():
+                model(torch.zeros(1, 3, size, size))
+            return True
+        except (RuntimeError, ValueError, AssertionError):
+            return False
+
+    if runs(image_size):
+        return None
+    low, high = image_size, 1024
+    while low + 1 < high:
+        middle = (low + high) // 2
+        low, high = (middle, high) if not runs(middle) else (low, middle)
+    return high
+
+
+def build_model(backbone: str, num_classes: int, weights: str | None = None, image_size: int | None = None) -> nn.Module:
     """`backbone` with `num_classes` outputs. `weights`: None, 'imagenet' or a state-dict path.
 
     A local file may hold either the backbone's own head (e.g. ImageNet's 1000 classes) or
     a head already sized for `num_classes` (a model this pipeline trained).
     """
-    model = _instantiate(backbone)
+    model = _instantiate(backbone, image_size)
     if weights in (None, "none"):
         return replace_last_linear(model, num_classes)
     source = ensure_pretrained(backbone) if weights == "imagenet" else Path(weights)
@@ -133,39 +162,3 @@ def build_model(backbone: str, num_classes: int, weights: str | None = None) -> 
         return model
     _load_strict(model, state, source, backbone)
     return replace_last_linear(model, num_classes)
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' = CUDA, then MPS, then CPU."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as error:
-        raise DataError(f"unknown device {name!r}") from error
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise DataError("--device cuda was asked for but CUDA is not available here")
-    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise DataError("--device mps was asked for but MPS is not available here")
-    return device
-
-
-def use_bf16(precision: str, device: torch.device) -> bool:
-    """bf16 autocast where it is faster: CUDA with bf16, CPUs with native bf16 (avx512_bf16/AMX)."""
-    if precision != "auto":
-        return precision == "bf16"
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    return False
-
-
-def use_channels_last(setting: str, device: torch.device) -> bool:
-    if setting != "auto":
-        return setting == "on"
-    return device.type in ("cuda", "cpu")  # measured faster for these convnets on both

@@ -1,159 +1,76 @@
-"""Reporting: Prefect artifacts (stable keys, so versions accumulate across runs) and the run report.
-
-Stages call the `publish_*` functions after writing their outputs; the `report` stage
-assembles one markdown page whose plots are embedded as downscaled base64 PNGs, which
-Prefect's UI renders inline.
-"""
+"""Stage: the study's report, one markdown page with the plots embedded and where every file is."""
 
 from __future__ import annotations
 
-import base64
-from pathlib import Path
+import json
 
-import pandas as pd
-from prefect import get_run_logger, task
-from prefect.artifacts import (
-    create_markdown_artifact,
-    create_progress_artifact,
-    create_table_artifact,
-    update_progress_artifact,
-)
+from tasks.artifacts import class_report_rows, split_rows
+from tasks.markdown import escape, image, table
+from tasks.stage import Job, output_path
 
-from tasks.plots import png_bytes
-from tasks.stage import StageKey, task_output
-
-KEYS = {
-    "extract": "agelens-extract-summary",
-    "split": "agelens-split-counts",
-    "history": "agelens-training-history",
-    "progress": "agelens-training-progress",
-    "report_table": "agelens-classification-report",
-    "confusion": "agelens-confusion-matrix",
-    "report": "agelens-run-report",
-}
-
-
-def _round(value, digits=4):
-    return round(value, digits) if isinstance(value, float) else value
+SECTIONS = ("split", "train", "evaluate", "embed", "featuremaps", "attention", "explain")
 
 
 def _decades(value) -> str:
     return "n/a (labels are not decades)" if value is None else f"{value:.3f}"
 
 
-def publish_extract(summary: dict) -> None:
-    rows = [{"measure": "rows in metadata", "value": summary["rows_in"]},
-            {"measure": "rows kept", "value": summary["rows_out"]},
-            *({"measure": f"dropped: {reason.replace('_', ' ')}", "value": n} for reason, n in summary["dropped"].items()),
-            {"measure": "identities", "value": summary["identities"]},
-            {"measure": "source format", "value": summary["source_format"]}]
-    create_table_artifact(rows, key=KEYS["extract"], description="Metadata extraction: rows kept and dropped by reason")
-
-
-def split_rows(summary: dict) -> list[dict]:
-    per_split = summary["per_class_per_split"]
-    classes = list(next(iter(per_split.values())))
-    return [{"class": c, **{split: counts[c] for split, counts in per_split.items()}} for c in classes]
-
-
-def publish_split(summary: dict) -> None:
-    create_table_artifact(split_rows(summary), key=KEYS["split"],
-                          description=f"Images per class per split (split by {summary['split_by']}; identities "
-                                      f"shared between splits: {summary['shared_identities']})")
-
-
-class TrainingProgress:
-    """A progress artifact updated after every epoch."""
-
-    def __init__(self, epochs: int, start_epoch: int = 0):
-        self.epochs = epochs
-        self.id = create_progress_artifact(progress=100.0 * start_epoch / epochs, key=KEYS["progress"],
-                                           description=f"Training progress ({epochs} epochs)")
-
-    def __call__(self, epoch: int, row: dict) -> None:
-        update_progress_artifact(self.id, progress=100.0 * epoch / self.epochs,
-                                 description=f"epoch {epoch}/{self.epochs}: val loss {row['val_loss']:.4f}, "
-                                             f"val acc {row['val_acc']:.3f}")
-
-
-def publish_history(history: pd.DataFrame) -> None:
-    rows = [{k: _round(v) for k, v in row.items()} for row in history.to_dict("records")]
-    create_table_artifact(rows, key=KEYS["history"], description="Loss and accuracy per epoch; `kept` marks the "
-                                                                 "epoch with the lowest validation loss")
-
-
-def report_rows(metrics: dict) -> list[dict]:
-    return [{"class": c, **{k: _round(v) for k, v in m.items()}} for c, m in metrics["per_class"].items()]
-
-
-def publish_evaluation(metrics: dict, classes: list[str]) -> None:
-    for split, m in metrics.items():
-        create_table_artifact(report_rows(m), key=f"{KEYS['report_table']}-{split}",
-                              description=f"{split}: accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f}, "
-                                          f"MAE {_decades(m['mae_decades'])} decades")
-        rows = [{"actual": a, **{f"predicted {p}": round(m["confusion"][i][j], 3) for j, p in enumerate(classes)}}
-                for i, a in enumerate(classes)]
-        create_table_artifact(rows, key=f"{KEYS['confusion']}-{split}",
-                              description=f"{split} confusion matrix, normalised per actual class")
-
-
-def image_markdown(path: str | Path, alt: str, max_width: int = 480) -> str:
-    data = base64.b64encode(png_bytes(path, max_width)).decode()
-    return f"![{alt}](data:image/png;base64,{data})"
-
-
-def _table(rows: list[dict]) -> str:
-    if not rows:
-        return ""
-    head = list(rows[0])
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(str(_round(r[h], 3)) for h in head) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def run_report(config: dict, stages: dict) -> str:
-    """The markdown run report: settings, numbers, the plots themselves and where every file is."""
-    split, train, evaluation = stages["split"], stages["train"], stages["evaluate"]
-    embed, explain = stages["embed"], stages["explain"]
-    val = evaluation["metrics"]["val"]
+def study_report(job: Job) -> str:
+    """The markdown of the report. Every user string is escaped."""
+    up = job.upstream
+    split, train, evaluation = up["split"]["summary"], up["train"]["summary"], up["evaluate"]["summary"]
+    explain = up["explain"]["summary"]
+    meta = up["train"]["meta"]
+    val = evaluation["val"]
+    drawn = ", ".join(f"{escape(c)} {n}" for c, n in split["per_class"].items())
     parts = [
         "# agelens run report",
-        f"**{config['backbone']}** at {config['image_size']} px, {config['epochs']} epochs (kept epoch "
-        f"{train['summary']['best_epoch']}, lowest val loss), per class {config['per_class']}, split by "
-        f"{config['split_by']}, seed {config['seed']}.",
+        f"**{escape(meta['backbone'])}** at {meta['image_size']} px, {train['epochs']} epochs (kept epoch "
+        f"{train['best_epoch']}, lowest val loss), trained on {train['train_images']} images. "
+        f"Drawn per class: {drawn}; split by {escape(split['split_by'])}.",
         f"Validation: accuracy **{val['accuracy']:.3f}**, macro-F1 **{val['macro_f1']:.3f}**, "
         f"MAE **{_decades(val['mae_decades'])}** decades. Identities shared between splits: "
-        f"{split['summary']['shared_identities']}.",
-        "## Data", _table(split_rows(split["summary"])),
-        "## Training curves", image_markdown(evaluation["outputs"]["curves"]["path"], "loss and accuracy curves", 640),
+        f"{split['shared_identities']}.",
+        "## Data", table(split_rows(split)),
+        "## Training curves", image(job.path("train", "curves"), "loss and accuracy curves", 640),
         "## Confusion matrix (normalised per actual class)",
-        image_markdown(evaluation["outputs"]["confusion_val"]["path"], "confusion heatmap"),
-        _table(report_rows(val)),
+        image(job.path("evaluate", "confusion_val"), "confusion heatmap"),
         "## Embedding of penultimate features",
-        image_markdown(embed["outputs"]["pca"]["path"], "PCA"), image_markdown(embed["outputs"]["tsne"]["path"], "t-SNE"),
-        "## Explanations (original | Grad-CAM | guided backprop | guided Grad-CAM)",
-        *(image_markdown(path, Path(path).stem, 640) for path in explain["strip_files"][:4]),
+        image(job.path("embed", "pca"), "PCA"), image(job.path("embed", "tsne"), "t-SNE"),
+        "## What the model looks at, per class",
+        image(job.path("attention", "attention"), "mean Grad-CAM per class", 720),
+        f"## Explanations on {escape(explain['cam_layer'])} (original | Grad-CAM | guided backprop | guided Grad-CAM)",
+        *(image(output_path(job.out, up["explain"], "explanations").parent / strip, strip, 640)
+          for strip in explain["strips"][:4]),
+        "### Faithfulness",
+        "Area under the deletion curve (lower is better) and the insertion curve (higher is better), per method and "
+        "class; `random` is a map of random values, the baseline every method should beat.",
+        table(explain["faithfulness"]),
+        image(job.path("explain", "faithfulness_plot"), "faithfulness curves", 720),
     ]
-    if "sanity" in explain["outputs"]:
-        sanity = pd.read_csv(explain["outputs"]["sanity"]["path"]).to_dict("records")
-        parts += ["Sanity check: Spearman rank correlation between the maps of the trained model and of one "
-                  "whose last stage and classifier are re-initialised (near 1 = the method ignores the model).",
-                  _table(sanity)]
-    parts.append("## Where the outputs are")
-    for name, stage in stages.items():
-        for label, handle in stage.get("outputs", {}).items():
-            path = handle["path"] if isinstance(handle, dict) else handle
-            parts.append(f"- `{name}` {label}: `{path}`")
-    return "\n\n".join(parts) + "\n"
+    if "randomisation" in explain:
+        final = [r for r in explain["randomisation"] if r["step"] == max(x["step"] for x in explain["randomisation"])]
+        parts += ["### Model randomisation",
+                  "Spearman rank correlation between the trained model's maps and those of a copy re-initialised from "
+                  "the top down; values near 1 mean the method does not depend on what the model learnt.",
+                  image(job.path("explain", "randomisation_plot"), "cascading randomisation", 640),
+                  table([{"method": r["method"], "after re-initialising everything": r["mean"]} for r in final]),
+                  "Random-logit test: rank correlation between the maps for the predicted class and for the adjacent "
+                  "decade (near 1 = the map is not class-specific).",
+                  table(explain["random_logit"])]
+    metrics = json.loads(job.path("evaluate", "metrics").read_text())
+    parts += ["## Per-class report (val)", table(class_report_rows(metrics["val"])),
+              "## Where the outputs are (under the output folder)"]
+    for stage in SECTIONS:
+        for name, output in up[stage]["outputs"].items():
+            location = f"{stage}/{up[stage]['key']}/{output['file']}"
+            parts.append(f"- {stage} {escape(name)}: {escape(location)}")
+    return "\n\n".join(p for p in parts if p) + "\n"
 
 
-@task(name="report", cache_key_fn=StageKey("report", ("tasks.report", "tasks.plots")), persist_result=True,
-      result_serializer="json")
-def make_report(config: dict, stages: dict, out: str) -> dict:
-    markdown = run_report(config, stages)
-    with task_output() as out_dir:
-        out_dir.path("report.md").write_text(markdown)
-        create_markdown_artifact(markdown, key=KEYS["report"], description="agelens run report with plots")
-        get_run_logger().info("run report: %s (%d kB)", out_dir.final_path("report.md"), len(markdown) // 1024)
-        return {"summary": {"images": markdown.count("data:image/png;base64,"), "bytes": len(markdown)},
-                "outputs": {"report": out_dir.handle("report.md")}}
+def run(job: Job) -> dict:
+    markdown = study_report(job)
+    with job.output() as out:
+        out.path("report.md").write_text(markdown)
+        out.add("report", "report.md")
+        return out.finish({"images": markdown.count("data:image/png;base64,"), "bytes": len(markdown)})

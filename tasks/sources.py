@@ -8,20 +8,58 @@ Formats are told apart by content, not by file extension:
 
 from __future__ import annotations
 
+# numpy, pandas, scipy and h5py are imported where used: a cached run only lists folders.
+
 import os
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
 
-import numpy as np
-import pandas as pd
+from tasks.errors import DataError
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pandas as pd
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 CACD_FILE = re.compile(r"^(\d+)_(.+)_(\d+)\.[A-Za-z]+$")
-DECADE = re.compile(r"^(\d+)0s$")
 
 
-class DataError(ValueError):
-    """Input data that cannot be used; the message names the file and the problem."""
+class Listing(NamedTuple):
+    files: set[str]  # '/'-separated paths relative to the image root
+    outside_root: set[str]  # symlinks (files or folders) that lead outside the root: not followed
+
+
+def list_images(root: Path) -> Listing:
+    """Every file below `root`, in one scan (no stat per plain file). A symlink is followed
+    only when its target stays inside the root; the others are reported, not read."""
+    root = Path(root).resolve()
+    files, outside, visited = set(), set(), {root}
+    todo = [(root, "")]
+    while todo:
+        folder, prefix = todo.pop()
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                relative = prefix + entry.name
+                if entry.is_symlink():
+                    target = Path(entry.path).resolve()
+                    if not target.exists():
+                        continue  # a broken link is simply a missing image
+                    if not target.is_relative_to(root):
+                        outside.add(relative)
+                    elif target.is_dir():
+                        if target not in visited:
+                            visited.add(target)
+                            todo.append((target, relative + "/"))
+                    else:
+                        files.add(relative)
+                elif entry.is_dir(follow_symlinks=False):
+                    todo.append((Path(entry.path), relative + "/"))
+                else:
+                    files.add(relative)
+    return Listing(files, outside)
 
 
 def detect_format(path: Path) -> str:
@@ -62,20 +100,23 @@ def default_image_root(source: Path, fmt: str) -> Path:
     return source.parent
 
 
-def read_source(path: Path, fmt: str) -> pd.DataFrame:
+def read_source(path: Path, fmt: str) -> "pd.DataFrame":
     """Raw rows: `path` (relative to the image root) and whichever of age, identity,
     year, birth, rank, lfw, name and label the source has."""
     readers = {"mat-v5": read_mat_v5, "mat-v73": read_mat_v73, "csv": read_csv, "folders": read_label_folders}
     return readers[fmt](path)
 
 
-def _identity_names(identity: np.ndarray, files: list[str], people: dict[int, str]) -> list[str]:
+def _identity_names(identity: "np.ndarray", files: list[str], people: dict[int, str]) -> list[str]:
     if people:
         return [people.get(int(i), "") for i in identity]
     return [m.group(2) if (m := CACD_FILE.match(f)) else "" for f in files]
 
 
-def _cacd_table(fields: dict, files: list[str], people: dict[int, str]) -> pd.DataFrame:
+def _cacd_table(fields: dict, files: list[str], people: dict[int, str]) -> "pd.DataFrame":
+    import numpy as np
+    import pandas as pd
+
     n = len(files)
     table = {"path": files}
     for name in ("age", "identity", "year", "birth", "rank", "lfw"):
@@ -87,7 +128,8 @@ def _cacd_table(fields: dict, files: list[str], people: dict[int, str]) -> pd.Da
     return pd.DataFrame(table)
 
 
-def read_mat_v5(path: Path) -> pd.DataFrame:
+def read_mat_v5(path: Path) -> "pd.DataFrame":
+    import numpy as np
     import scipy.io
 
     try:
@@ -112,13 +154,14 @@ def read_mat_v5(path: Path) -> pd.DataFrame:
     return _cacd_table(fields, files, people)
 
 
-def _h5_strings(h5file, refs: np.ndarray) -> list[str]:
+def _h5_strings(h5file, refs) -> list[str]:
     # MATLAB v7.3 keeps each string as a uint16 (UTF-16) array behind an object reference.
     return [h5file[ref][()].ravel().astype("<u2").tobytes().decode("utf-16-le") for ref in refs.ravel()]
 
 
-def read_mat_v73(path: Path) -> pd.DataFrame:
+def read_mat_v73(path: Path) -> "pd.DataFrame":
     import h5py
+    import numpy as np
 
     try:
         h5 = h5py.File(path, "r")
@@ -141,7 +184,9 @@ def read_mat_v73(path: Path) -> pd.DataFrame:
     return _cacd_table(fields, files, people)
 
 
-def read_csv(path: Path) -> pd.DataFrame:
+def read_csv(path: Path) -> "pd.DataFrame":
+    import pandas as pd
+
     try:
         table = pd.read_csv(path, dtype={"path": str}, skipinitialspace=True)
     except (pd.errors.ParserError, UnicodeDecodeError, OSError) as error:
@@ -156,7 +201,9 @@ def read_csv(path: Path) -> pd.DataFrame:
     return table
 
 
-def read_label_folders(root: Path) -> pd.DataFrame:
+def read_label_folders(root: Path) -> "pd.DataFrame":
+    import pandas as pd
+
     rows = []
     for entry in sorted(os.scandir(root), key=lambda e: e.name):
         if not entry.is_dir() or entry.name.startswith("."):

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from prefect import get_run_logger, task
 from sklearn.model_selection import train_test_split
 
-from tasks.report import publish_split
-from tasks.stage import StageKey, task_output, write_json
+from tasks.stage import Job, logger
 
 SPLITS = ("train", "val", "test")
 
 
-def sample_per_class(table: pd.DataFrame, per_class: int, seed: int) -> tuple[pd.DataFrame, list[str]]:
-    """`per_class` rows of each label, chosen by `seed`; a smaller class keeps all rows."""
+def sample_per_class(table: pd.DataFrame, per_class: int | str, seed: int) -> tuple[pd.DataFrame, list[str]]:
+    """`per_class` rows of each label, chosen by `seed`; a smaller class keeps all rows,
+    and so does every class with per_class 'all'."""
     table = table.sort_values("path", kind="stable").reset_index(drop=True)  # input order must not matter
+    if per_class == "all":
+        return table.sort_values(["class_index", "path"], kind="stable").reset_index(drop=True), []
     rng = np.random.default_rng(seed)
     picked, warnings = [], []
     for label, rows in table.groupby("class_index", sort=True):
@@ -85,6 +86,7 @@ def split_summary(manifest: pd.DataFrame, classes: list[str]) -> dict:
     splits_per_identity = manifest.groupby("identity")["split"].nunique()
     return {
         "images": int(len(manifest)),
+        "per_class": {c: int(n) for c, n in manifest["label"].value_counts().reindex(classes, fill_value=0).items()},
         "per_class_per_split": {s: per_split[s] for s in SPLITS if s in per_split},
         "identities_per_split": {s: int(manifest.loc[manifest["split"] == s, "identity"].nunique())
                                  for s in SPLITS if s in per_split},
@@ -92,7 +94,7 @@ def split_summary(manifest: pd.DataFrame, classes: list[str]) -> dict:
     }
 
 
-def make_manifest(table: pd.DataFrame, classes: list[str], per_class: int, seed: int, split_by: str,
+def make_manifest(table: pd.DataFrame, classes: list[str], per_class: int | str, seed: int, split_by: str,
                   val_frac: float, test_frac: float) -> tuple[pd.DataFrame, dict]:
     sampled, warnings = sample_per_class(table, per_class, seed)
     fractions = split_fractions(val_frac, test_frac)
@@ -103,22 +105,20 @@ def make_manifest(table: pd.DataFrame, classes: list[str], per_class: int, seed:
     return sampled, summary
 
 
-@task(name="split", cache_key_fn=StageKey("split", ("tasks.split",)), persist_result=True,
-      result_serializer="json")
-def split_dataset(metadata: dict, per_class: int, seed: int, split_by: str, val_frac: float,
-                  test_frac: float, out: str) -> dict:
+def run(job: Job) -> dict:
     """Sample and split; write `manifest.parquet` (every sampled image and its split)."""
-    log = get_run_logger()
-    table = pd.read_parquet(metadata["outputs"]["metadata"]["path"])
-    classes = metadata["summary"]["classes"]
-    manifest, summary = make_manifest(table, classes, per_class, seed, split_by, val_frac, test_frac)
+    log = logger()
+    settings = job.settings
+    table = pd.read_parquet(job.path("extract", "metadata"))
+    classes = job.upstream["extract"]["meta"]["classes"]
+    manifest, summary = make_manifest(table, classes, settings["per_class"], settings["seed"], settings["split_by"],
+                                      settings["val_frac"], settings["test_frac"])
     for warning in summary["warnings"]:
         log.warning(warning)
-    log.info("split %d images by %s: %s; identities shared between splits: %d", summary["images"], split_by,
-             {s: sum(c.values()) for s, c in summary["per_class_per_split"].items()}, summary["shared_identities"])
-    with task_output() as out_dir:
-        manifest.to_parquet(out_dir.path("manifest.parquet"), index=False)
-        write_json(out_dir.path("summary.json"), summary)
-        publish_split(summary)
-        return {"summary": summary, "outputs": {"manifest": out_dir.handle("manifest.parquet")},
-                "classes": classes, "image_root": metadata["image_root"], "dir": str(out_dir.final)}
+    log.info("split %d images by %s: %s; identities shared between splits: %d", summary["images"],
+             settings["split_by"], {s: sum(c.values()) for s, c in summary["per_class_per_split"].items()},
+             summary["shared_identities"])
+    with job.output() as out:
+        manifest.to_parquet(out.path("manifest.parquet"), index=False)
+        out.add("manifest", "manifest.parquet")
+        return out.finish(summary, meta={"classes": classes})

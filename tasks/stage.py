@@ -1,133 +1,131 @@
-"""What every stage shares: its cache key, its output folder and atomic writes.
+"""What every stage shares: the job it is given, and writing its outputs atomically.
 
-A stage's cache key is the hash of its code, its settings and the *content* hashes
-of its inputs (never their paths, never the run id). The key also names the folder
-the stage writes to, `<out>/<stage>/<digest>/`, and Prefect's result record lives
-inside that folder, so deleting the folder is enough to make the stage run again.
+A stage's folder is `<out>/<stage>/<key>/`, where the key (computed by `flows/graph.py`)
+hashes the stage's code, the settings it reads and the *content* of its inputs. The folder
+is built under a temporary name and renamed when complete, so it exists whole or not at all.
+It holds the outputs, `parameters.json` (what the key was made from) and `result.json`,
+the small handle downstream stages receive: output file names with their content hashes,
+a summary for people, and `meta`, small keyed facts (e.g. the class names).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import importlib.util
 import json
 import os
 import shutil
 import uuid
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tasks.hashing import sha256_file, sha256_json
 
-RESULT_RECORD = ".prefect-result"
-NOT_KEYED = ("out", "device")  # where results go and which chip computes them are not what they are
-# Not part of a key: where inputs are, and summaries (derived from content that is keyed,
-# but holding timings that differ between identical runs).
-UNKEYED_FIELDS = ("dir", "path", "image_root", "summary")
+RESULT = "result.json"
+PARAMETERS = "parameters.json"
 
 
-@functools.cache
-def code_digest(modules: tuple[str, ...]) -> str:
-    """Hash of the source files of the given modules: the stage's code version."""
-    digests = []
-    for name in modules:
-        origin = importlib.util.find_spec(name).origin
-        digests.append(sha256_file(origin))
-    return sha256_json(digests)
+@dataclass(frozen=True)
+class Job:
+    """One stage's work order: its settings by name, the results of the stages it needs,
+    and the external inputs (data files) as they are located in *this* run."""
+
+    stage: str
+    key: str
+    out: str
+    settings: dict = field(default_factory=dict)
+    upstream: dict = field(default_factory=dict)
+    inputs: dict = field(default_factory=dict)
+    components: dict = field(default_factory=dict)
+
+    @property
+    def folder(self) -> Path:
+        return stage_folder(self.out, self.stage, self.key)
+
+    @property
+    def scratch(self) -> Path:
+        """Survives a killed run (training checkpoints); removed when the stage completes."""
+        return self.folder.with_name(f"{self.key}.partial")
+
+    def path(self, stage: str, output: str) -> Path:
+        """Where an upstream stage's output lies under this run's --out."""
+        return output_path(self.out, self.upstream[stage], output)
+
+    @contextmanager
+    def output(self):
+        """A StageWriter; on success its folder is moved into place atomically."""
+        final = self.folder
+        final.parent.mkdir(parents=True, exist_ok=True)
+        writer = StageWriter(self, final.with_name(f"{self.key}.tmp-{uuid.uuid4().hex[:8]}"))
+        writer.tmp.mkdir()
+        try:
+            yield writer
+            if writer.result is None:
+                raise RuntimeError(f"stage {self.stage} wrote no result")
+            write_json(writer.tmp / PARAMETERS, self.components)
+        except BaseException:
+            shutil.rmtree(writer.tmp, ignore_errors=True)
+            raise
+        if final.exists():  # a complete folder whose Prefect record was lost: same key, same content
+            shutil.rmtree(final)
+        os.replace(writer.tmp, final)
+        shutil.rmtree(self.scratch, ignore_errors=True)
 
 
-def canonical(value):
-    """Replace file handles by their content hash; drop locations and summaries."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        value = dataclasses.asdict(value)
-    if isinstance(value, dict):
-        if "sha256" in value:
-            return {"sha256": value["sha256"]}
-        return {k: canonical(v) for k, v in value.items() if k not in UNKEYED_FIELDS}
-    if isinstance(value, (list, tuple)):
-        return [canonical(v) for v in value]
-    if isinstance(value, Path):
-        raise TypeError(f"pass files to stages as handles with a sha256, not as a path: {value}")
-    return value
+class StageWriter:
+    def __init__(self, job: Job, tmp: Path):
+        self.job = job
+        self.tmp = tmp
+        self.outputs: dict[str, dict] = {}
+        self.result: dict | None = None
 
-
-class StageKey:
-    """A Prefect `cache_key_fn`: `<stage>/<digest>/.prefect-result`."""
-
-    def __init__(self, stage: str, code: tuple[str, ...]):
-        self.stage = stage
-        self.code = tuple(code)
-
-    def digest(self, parameters: dict) -> str:
-        keyed = {k: v for k, v in parameters.items() if k not in NOT_KEYED}
-        payload = {"stage": self.stage, "code": code_digest(self.code), "inputs": canonical(keyed)}
-        return sha256_json(payload)[:24]
-
-    def __call__(self, context, parameters: dict) -> str:
-        return f"{self.stage}/{self.digest(parameters)}/{RESULT_RECORD}"
-
-
-class StageDir:
-    """A stage's output folder, built under a temporary name and renamed when complete."""
-
-    def __init__(self, final: Path):
-        self.final = final
-        self.tmp = final.with_name(f"{final.name}.tmp-{uuid.uuid4().hex[:8]}")
-        # Survives a killed run (checkpoints); removed once the stage completes.
-        self.scratch = final.with_name(f"{final.name}.partial")
-
-    def path(self, name: str) -> Path:
-        """Where to write `name` now."""
-        target = self.tmp / name
+    def path(self, file: str) -> Path:
+        """Where to write `file` now (inside the temporary folder)."""
+        target = self.tmp / file
         target.parent.mkdir(parents=True, exist_ok=True)
         return target
 
-    def final_path(self, name: str) -> str:
-        return str(self.final / name)
+    def add(self, name: str, file: str, keyed: bool = True, same_as_key: bool = False) -> None:
+        """Declare an output. Keyed outputs carry a content hash that downstream keys use;
+        unkeyed ones (timings, logs) never make downstream stages rerun. `same_as_key`: the
+        file is a pure function of this stage's key, which then stands for its content (for
+        outputs too large to hash, such as the decoded array)."""
+        if same_as_key:
+            digest = {"sha256": f"{self.job.stage}-key:{self.job.key}"}
+        else:
+            digest = {"sha256": _digest(self.tmp / file)} if keyed else {}
+        self.outputs[name] = {"file": file, **digest}
 
-    def handle(self, name: str) -> dict:
-        """A small, cacheable reference to an output file: final path and content hash."""
-        return {"path": self.final_path(name), "sha256": sha256_file(self.tmp / name)}
+    def finish(self, summary: dict, meta: dict | None = None) -> dict:
+        write_json(self.path("summary.json"), summary)
+        self.result = {"stage": self.job.stage, "key": self.job.key, "outputs": self.outputs,
+                       "summary": summary, "meta": meta or {}}
+        write_json(self.path(RESULT), self.result)
+        return self.result
 
 
-@contextmanager
-def stage_output(final: Path, parameters: dict | None = None):
-    """Yield a StageDir; on success move it into place atomically, on failure remove it.
+def _digest(path: Path) -> str:
+    """Content hash of a file, or of every file below a folder (names and bytes)."""
+    if path.is_file():
+        return sha256_file(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    return sha256_json([[str(p.relative_to(path)), sha256_file(p)] for p in files])
 
-    `parameters` (the stage's inputs and settings) are recorded beside the outputs.
-    """
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    out = StageDir(final)
-    out.tmp.mkdir()
-    if parameters is not None:
-        write_json(out.tmp / "parameters.json", {k: v for k, v in parameters.items() if k not in NOT_KEYED})
+
+def stage_folder(out: str | os.PathLike, stage: str, key: str) -> Path:
+    return Path(out) / stage / key
+
+
+def output_path(out: str | os.PathLike, result: dict, output: str) -> Path:
+    return stage_folder(out, result["stage"], result["key"]) / result["outputs"][output]["file"]
+
+
+def read_result(out: str | os.PathLike, stage: str, key: str) -> dict | None:
+    """The handle of a completed stage folder, or None."""
     try:
-        yield out
-    except BaseException:
-        shutil.rmtree(out.tmp, ignore_errors=True)
-        raise
-    if final.exists():  # an earlier run's output whose cache record was lost
-        shutil.rmtree(final)
-    os.replace(out.tmp, final)
-    shutil.rmtree(out.scratch, ignore_errors=True)
-
-
-def current_stage_dir() -> Path:
-    """The output folder of the running Prefect task, derived from its cache key."""
-    from prefect.context import TaskRunContext
-
-    ctx = TaskRunContext.get()
-    key = ctx.task.cache_key_fn(ctx, ctx.parameters)
-    return Path(ctx.parameters["out"]).resolve() / Path(key).parent
-
-
-def task_output():
-    """`stage_output` for the running Prefect task: its key's folder, its parameters recorded."""
-    from prefect.context import TaskRunContext
-
-    return stage_output(current_stage_dir(), TaskRunContext.get().parameters)
+        return json.loads((stage_folder(out, stage, key) / RESULT).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -146,3 +144,16 @@ def _jsonable(value):
 
 def write_json(path: str | os.PathLike, obj) -> None:
     atomic_write_bytes(path, json.dumps(obj, indent=2, sort_keys=True, default=_jsonable).encode())
+
+
+def logger():
+    """Prefect's run logger inside a flow or task run (shown in the UI), else a plain one."""
+    import logging
+
+    from prefect.exceptions import MissingContextError
+    from prefect.logging import get_run_logger
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger("agelens")

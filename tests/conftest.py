@@ -78,7 +78,8 @@ def small_rows():
 
 
 LEARNABLE = DemoSpec(identities=72, images_per_identity=8, seed=1)
-TINY_TRAINING = dict(backbone="convnext_narrow", weights="none", image_size=32, epochs=10, lr=1e-3, per_class=60, val_frac=0.25)
+TINY_TRAINING = dict(backbone="convnext_narrow", weights="none", image_size=32, epochs=10, lr=1e-3, per_class=60,
+                     val_frac=0.25)
 
 
 @pytest.fixture(scope="session")

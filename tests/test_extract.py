@@ -1,8 +1,10 @@
 import pandas as pd
 import pytest
 
-from tasks.extract import decade_label, label_order, validate
-from tasks.sources import DataError
+from tasks.errors import DataError
+from tasks.extract import validate
+from tasks.labels import decade_label, label_order
+from tasks.sources import Listing
 
 
 def table(rows):
@@ -22,11 +24,12 @@ def test_each_validation_reason_is_counted_and_rows_kept_in_order():
         ["gone.jpg", 40, 4], ["b.jpg", 61, 5],
     ])
     available = {"a.jpg", "b.jpg", "old.jpg", "neg.jpg", "nan.jpg"}
-    kept, summary = validate(raw, available)
+    kept, summary = validate(raw, Listing(available, set()))
     assert kept["path"].tolist() == ["a.jpg", "b.jpg"]
     assert kept["label"].tolist() == ["20s", "60s"]
     assert kept["class_index"].tolist() == [0, 1]
-    assert summary["dropped"] == {"unsafe_path": 3, "age_out_of_range": 3, "duplicate_path": 1, "missing_image": 1}
+    assert summary["dropped"] == {"unsafe_path": 3, "age_out_of_range": 3, "duplicate_path": 1,
+                                  "symlink_outside_root": 0, "missing_image": 1}
     assert summary["dropped_examples"]["missing_image"] == ["gone.jpg"]
     assert summary["rows_in"] == 10 and summary["rows_out"] == 2
     assert summary["per_class"] == {"20s": 1, "60s": 1}
@@ -35,13 +38,19 @@ def test_each_validation_reason_is_counted_and_rows_kept_in_order():
 def test_zero_usable_rows_stops_with_the_reasons():
     raw = table([["a.jpg", 200, 1], ["b.jpg", 30, 1]])
     with pytest.raises(DataError, match="no usable rows: 1 age out of range, 1 missing image"):
-        validate(raw, {"a.jpg"})
+        validate(raw, Listing({"a.jpg"}, set()))
 
 
 def test_identity_falls_back_to_cacd_file_names_then_to_each_image():
-    raw = pd.DataFrame({"path": ["23_Ann_Lee_0001.jpg", "25_Ann_Lee_0002.jpg"], "age": [23, 25]})
-    kept, summary = validate(raw, set(raw["path"]))
+    raw = pd.DataFrame({"path": ["23_Ann_Lee_0001.jpg", "35_Ann_Lee_0002.jpg"], "age": [23, 35]})
+    kept, summary = validate(raw, Listing(set(raw["path"]), set()))
     assert kept["identity"].tolist() == ["Ann_Lee", "Ann_Lee"] and summary["identity_source"] == "file name"
-    raw = pd.DataFrame({"path": ["a.jpg", "b.jpg"], "age": [23, 25]})
-    kept, summary = validate(raw, set(raw["path"]))
+    raw = pd.DataFrame({"path": ["a.jpg", "b.jpg"], "age": [23, 35]})
+    kept, summary = validate(raw, Listing(set(raw["path"]), set()))
     assert kept["identity"].tolist() == ["a.jpg", "b.jpg"] and summary["identity_source"].startswith("none")
+
+
+def test_a_single_class_is_an_error_that_says_why():
+    raw = table([["a.jpg", 23, 1], ["b.jpg", 27, 2], ["c.jpg", 120, 3]])
+    with pytest.raises(DataError, match="every usable image is in class 20s: a classifier needs at least two classes"):
+        validate(raw, Listing({"a.jpg", "b.jpg"}, set()))

@@ -1,44 +1,48 @@
-"""The flow's caching contract, run twice against a real (temporary) Prefect backend."""
+"""The flow's caching contract against a real (temporary) Prefect backend: unchanged stages are
+served from the cache, changed ones rerun, and inputs are always read where they are now."""
 
 import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import scipy.io
+from PIL import Image
 
 from flows.age_pipeline import age_pipeline
 from flows.cli import main
+from flows.settings import RunSettings
+from tasks.errors import DataError
 
 
 def states(result):
     return {name: stage["state"] for name, stage in result["stages"].items()}
 
 
-def run(small_cacd, out, **options):
-    return age_pipeline(data=str(small_cacd / "celebrity2000_meta.mat"), out=str(out), until="split",
-                        per_class=15, **options)
+def run(data, out, **options):
+    options = {"until": "split", "per_class": 15, **options}
+    return age_pipeline(settings=RunSettings(data=str(data), out=str(out), **options))
 
 
 def test_rerun_is_cached_and_each_change_reruns_only_what_it_touches(prefect_backend, small_cacd, tmp_path):
-    out = tmp_path / "artifacts"
-    first = run(small_cacd, out)
+    out, meta = tmp_path / "artifacts", small_cacd / "celebrity2000_meta.mat"
+    first = run(meta, out)
     assert states(first) == {"extract": "Completed", "split": "Completed"}
-    assert states(run(small_cacd, out)) == {"extract": "Cached", "split": "Cached"}
-
-    changed = run(small_cacd, out, seed=5)
-    assert states(changed) == {"extract": "Cached", "split": "Completed"}
+    assert states(run(meta, out)) == {"extract": "Cached", "split": "Cached"}
+    assert states(run(meta, out, seed=5)) == {"extract": "Cached", "split": "Completed"}
 
     # Edit the metadata in place: drop the last image's row.
-    meta = small_cacd / "celebrity2000_meta.mat"
     mat = scipy.io.loadmat(meta)
     record = mat["celebrityImageData"]
     for field in record.dtype.names:
         if record[0, 0][field].size:
             record[0, 0][field] = record[0, 0][field][:-1]
     scipy.io.savemat(meta, {"celebrityImageData": record, "celebrityData": mat["celebrityData"]})
-    edited = run(small_cacd, out)
+    edited = run(meta, out)
     assert states(edited) == {"extract": "Completed", "split": "Completed"}
     assert edited["stages"]["extract"]["summary"]["rows_out"] == first["stages"]["extract"]["summary"]["rows_out"] - 1
 
@@ -48,21 +52,57 @@ def test_rerun_is_cached_and_each_change_reruns_only_what_it_touches(prefect_bac
     assert pd.read_parquet(first_manifest)["split"].isin(["train", "val"]).all()
 
 
-def test_deleted_output_folder_makes_the_stage_run_again(prefect_backend, small_cacd, tmp_path):
-    import shutil
-    from pathlib import Path
+def write_csv_dataset(source: Path, target: Path) -> Path:
+    """The CACD fixture as images + CSV (path, age, identity)."""
+    meta = scipy.io.loadmat(source / "celebrity2000_meta.mat")["celebrityImageData"][0, 0]
+    target.mkdir(parents=True)
+    shutil.copytree(source / "CACD2000", target / "faces")
+    rows = [{"path": f"faces/{str(n[0][0])}", "age": int(a), "identity": int(i)}
+            for n, a, i in zip(meta["name"], meta["age"].ravel(), meta["identity"].ravel())]
+    pd.DataFrame(rows).to_csv(target / "labels.csv", index=False)
+    return target / "labels.csv"
 
+
+def test_a_changed_image_folder_is_never_served_from_the_cache(prefect_backend, small_cacd, tmp_path):
     out = tmp_path / "artifacts"
-    first = run(small_cacd, out)
+    labels = write_csv_dataset(small_cacd, tmp_path / "one")
+    first = run(labels, out, until="decode", image_size=16, per_class=1000)
+    assert set(states(first).values()) == {"Completed"}
+
+    # A copy with the same names and different bytes, run into the same --out.
+    labels_two = write_csv_dataset(small_cacd, tmp_path / "two")
+    for image in (tmp_path / "two" / "faces").iterdir():
+        Image.new("RGB", (250, 250), (200, 10, 10)).save(image, format="JPEG")
+    second = run(labels_two, out, until="decode", image_size=16, per_class=1000)
+    assert states(second) == {"extract": "Cached", "split": "Cached", "decode": "Completed"}
+    index = pd.read_parquet(second["stages"]["decode"]["outputs"]["index"])
+    decoded = np.memmap(second["stages"]["decode"]["outputs"]["images"], dtype=np.uint8, mode="r",
+                        shape=(len(index), 16, 16, 3))
+    assert abs(int(decoded[..., 0].mean()) - 200) < 5  # the new images, not the cached old ones
+
+    # The first dataset moved away with identical bytes: cached, and read from its new place.
+    shutil.move(tmp_path / "one", tmp_path / "moved")
+    moved = run(tmp_path / "moved" / "labels.csv", out, until="decode", image_size=16, per_class=1000)
+    assert set(states(moved).values()) == {"Cached"}
+    assert moved["stages"]["decode"]["key"] == first["stages"]["decode"]["key"]
+    # ... and a stage that must read the images reads them there (not from the old path).
+    reread = run(tmp_path / "moved" / "labels.csv", out, until="decode", image_size=24, per_class=1000)
+    assert states(reread) == {"extract": "Cached", "split": "Cached", "decode": "Completed"}
+    assert reread["stages"]["decode"]["summary"]["undecodable"] == 0
+
+
+def test_deleted_output_folder_makes_the_stage_run_again(prefect_backend, small_cacd, tmp_path):
+    out = tmp_path / "artifacts"
+    first = run(small_cacd / "celebrity2000_meta.mat", out)
     shutil.rmtree(Path(first["stages"]["split"]["outputs"]["manifest"]).parent)
-    assert states(run(small_cacd, out)) == {"extract": "Cached", "split": "Completed"}
+    assert states(run(small_cacd / "celebrity2000_meta.mat", out)) == {"extract": "Cached", "split": "Completed"}
 
 
 def test_missing_images_are_reported_and_the_rest_kept(prefect_backend, small_cacd, tmp_path):
     images = sorted((small_cacd / "CACD2000").iterdir())
     for image in images[::3]:
         image.unlink()
-    result = run(small_cacd, tmp_path / "a")
+    result = run(small_cacd / "celebrity2000_meta.mat", tmp_path / "a")
     summary = result["stages"]["extract"]["summary"]
     assert summary["dropped"]["missing_image"] == len(images[::3])
     assert summary["rows_out"] == len(images) - len(images[::3])
@@ -70,12 +110,15 @@ def test_missing_images_are_reported_and_the_rest_kept(prefect_backend, small_ca
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["run", "--per-class", "0"], "--per-class must be at least 1"),
+    (["run", "--per-class", "0"], "--per-class: Input should be greater than or equal to 1"),
     (["run", "--val-frac", "0.7", "--test-frac", "0.4"], "must leave images to train on"),
     (["run", "--split-by", "person"], "invalid choice"),
-    (["run", "--per-class", "many"], "invalid int value"),
+    (["run", "--per-class", "many"], "--per-class"),
+    (["run", "--epochs", "0", "--lr", "-1"], "--epochs: Input should be greater than or equal to 1 (got '0'); --lr: Input should be greater than 0"),
+    (["run", "--device", "tpu9"], "--device: must be auto, cpu, cuda, cuda:N or mps"),
+    (["run", "--cam-methods", "grad_cam,magic"], "--cam-methods"),
 ])
-def test_bad_options_give_one_line_and_nonzero_exit(argv, message, capsys):
+def test_bad_options_give_one_line_and_exit_2(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     assert exit_info.value.code == 2
@@ -89,14 +132,43 @@ def test_missing_data_file_is_one_clear_error(prefect_backend, tmp_path, capsys)
     assert capsys.readouterr().err.strip().splitlines()[-1] == f"agelens: error: metadata not found: {tmp_path / 'nope.mat'}"
 
 
-def test_unusable_device_or_weights_stop_before_any_work(prefect_backend, small_cacd, tmp_path, capsys):
+def test_unusable_settings_stop_before_any_work_and_every_bad_item_is_named(prefect_backend, small_cacd, tmp_path, capsys):
     meta = str(small_cacd / "celebrity2000_meta.mat")
-    for options, message in ((["--device", "tpu9"], "unknown device 'tpu9'"),
-                             (["--weights", str(tmp_path / "w.pth")], "weights file not found")):
-        code = main(["run", "--data", meta, "--out", str(tmp_path / "o"), "--until", "train", *options])
-        assert code == 1
-        assert message in capsys.readouterr().err.strip().splitlines()[-1]
-        assert not (tmp_path / "o" / "extract").exists()
+    cases = (
+        (["--weights", str(tmp_path / "w.pth")], "weights file not found"),
+        (["--backbone", "resnet_9000"], "--backbone: unknown backbone 'resnet_9000'"),
+        (["--backbone", "convnext_narrow", "--image-size", "20"], "--image-size 20 is too small for convnext_narrow: "
+                                                                  "it needs at least 32"),
+        (["--backbone", "convnext_narrow", "--image-size", "32", "--feature-layers", "features.99,classifier.2",
+          "--cam-layer", "nope"], "--feature-layers: layer 'features.99' not found"),
+        (["--backbone", "convnext_narrow", "--image-size", "32", "--explain-classes", "10s,70s"],
+         "--explain-classes: 70s not among the data's classes"),
+    )
+    for options, message in cases:
+        code = main(["run", "--data", meta, "--out", str(tmp_path / "o"), "--until", "report", "--weights", "none",
+                     *options])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code in (1, 2) and len(err) == 1 and message in err[0], err
+        if "--feature-layers" in message:
+            assert "'classifier.2' outputs" in err[0] and "--cam-layer: layer 'nope' not found" in err[0]
+        if "--explain-classes" not in message:  # classes are known once the (fast) extract has run
+            assert not (tmp_path / "o" / "extract").exists()
+        assert not (tmp_path / "o" / "split").exists()
+
+
+def test_out_that_is_a_file_or_read_only_is_one_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    assert main(["status", "--out", str(tmp_path / "file")]) == 2
+    assert capsys.readouterr().err.strip() == f"agelens: error: --out {tmp_path / 'file'} is a file, not a folder"
+
+
+def test_expected_errors_print_no_traceback(small_cacd, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--data", str(small_cacd / "celebrity2000_meta.mat"),
+                           "--out", str(tmp_path / "o"), "--weights", "none", "--backbone", "convnext_narrow",
+                           "--image-size", "32", "--explain-classes", "70s"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if "Traceback" in line or "agelens: error" in line]
+    assert lines == ["agelens: error: --explain-classes: 70s not among the data's classes (10s, 20s, 30s, 40s, 50s, 60s)"]
 
 
 def test_json_output_from_the_command(prefect_backend, small_cacd, tmp_path):
@@ -110,29 +182,23 @@ def test_json_output_from_the_command(prefect_backend, small_cacd, tmp_path):
     assert set(result["stages"]) == {"extract", "split"}
     split = result["stages"]["split"]
     assert split["state"] == "Completed" and split["summary"]["shared_identities"] == 0
-    assert sum(split["summary"]["per_class_per_split"]["val"].values()) > 0
-    assert result["config"]["per_class"] == 10
+    assert set(split["summary"]["per_class"].values()) == {10}
+    assert result["settings"]["per_class"] == 10
 
 
 def test_demo_data_is_made_once_and_never_over_a_users_folder(prefect_backend, tmp_path, monkeypatch):
-    from pathlib import Path
-
-    from tasks.sources import DataError
-
     monkeypatch.chdir(tmp_path)  # the demo goes to ./data/demo
-    first = age_pipeline(out="a", until="extract")
-    assert states(first) == {"demo": "Completed", "extract": "Completed"}
-    assert first["stages"]["extract"]["summary"]["rows_out"] == first["stages"]["demo"]["summary"]["images"] == 1560
+    first = age_pipeline(settings=RunSettings(out="a", until="extract"))
+    assert states(first) == {"extract": "Completed"} and first["stages"]["extract"]["summary"]["rows_out"] == 1560
     image = next(Path("data/demo/CACD2000").iterdir())
     made = image.stat().st_mtime_ns
-    assert states(age_pipeline(out="a", until="extract")) == {"demo": "Cached", "extract": "Cached"}
-    other = age_pipeline(out="b", until="extract")  # a new output folder reuses the demo on disk
-    assert other["stages"]["demo"]["summary"] == first["stages"]["demo"]["summary"]
+    assert states(age_pipeline(settings=RunSettings(out="a", until="extract"))) == {"extract": "Cached"}
+    age_pipeline(settings=RunSettings(out="b", until="extract"))  # a new output folder reuses the demo on disk
     assert image.stat().st_mtime_ns == made
 
     Path("data/demo").rename("data/mine")
     Path("data/demo").mkdir()
     (Path("data/demo") / "precious.txt").write_text("keep me")
     with pytest.raises(DataError, match="was not made by agelens"):
-        age_pipeline(out="c", until="extract")
+        age_pipeline(settings=RunSettings(out="c", until="extract"))
     assert (Path("data/demo") / "precious.txt").read_text() == "keep me"

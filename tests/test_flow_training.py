@@ -1,13 +1,18 @@
-"""Train and evaluate inside the flow: it learns, and reruns only what a change touches."""
+"""Train and everything after it inside the flow: it learns, reruns only what a change touches,
+and concurrent stages write exactly what a serial run writes."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from flows.age_pipeline import age_pipeline
+from flows.age_pipeline import Runner, age_pipeline, run_stage
+from flows.graph import BY_NAME, selected
+from flows.inputs import Inputs, open_memo
+from flows.settings import RunSettings
 from tests.conftest import TINY_TRAINING
 
 
@@ -15,7 +20,8 @@ def states(result):
     return {name: stage["state"] for name, stage in result["stages"].items()}
 
 
-EXPLAIN = dict(feature_images=2, explain_images=2, explain_classes="10s,60s")
+EXPLAIN = dict(feature_images=2, explain_images=2, explain_classes="10s,60s", attention_images=4, faithfulness_steps=4)
+UPSTREAM = {"extract": "Cached", "split": "Cached", "decode": "Cached", "train": "Cached"}
 
 
 @pytest.fixture(scope="module")
@@ -24,10 +30,13 @@ def run(prefect_backend, learnable_cacd, tmp_path_factory):
     out = tmp_path_factory.mktemp("trained")
 
     def run_flow(until="evaluate", **changes):
-        options = {**TINY_TRAINING, **EXPLAIN, **changes}
-        return age_pipeline(data=str(learnable_cacd / "celebrity2000_meta.mat"), out=str(out), until=until, **options)
+        settings = RunSettings(data=str(learnable_cacd / "celebrity2000_meta.mat"), out=str(out), until=until,
+                               **{**TINY_TRAINING, **EXPLAIN, **changes})
+        result = age_pipeline(settings=settings)
+        result["settings_object"] = settings
+        return result
 
-    run_flow.out = str(out)
+    run_flow.out = out
     return run_flow
 
 
@@ -39,38 +48,41 @@ def test_tiny_model_learns_and_caching_follows_the_settings(run):
     assert evaluation["accuracy"] > 0.40, evaluation
     assert evaluation["mae_decades"] < 1.0
     train = first["stages"]["train"]
-    history = pd.read_parquet(train["outputs"]["history"])
+    history = pd.read_csv(train["outputs"]["history"])
     assert len(history) == 10 and history["kept"].sum() == 1
     assert history.loc[history["kept"], "val_loss"].iloc[0] == history["val_loss"].min()
     assert train["summary"]["best_epoch"] == int(history.loc[history["kept"], "epoch"].iloc[0])
-    outputs = first["stages"]["evaluate"]["outputs"]
-    for name in ("curves", "confusion_val", "predictions", "history"):
-        assert Path(outputs[name]).stat().st_size > 0
-    predictions = pd.read_parquet(outputs["predictions"])
+    assert Path(train["outputs"]["curves"]).stat().st_size > 10_000  # drawn by train
+    predictions = pd.read_parquet(first["stages"]["evaluate"]["outputs"]["predictions"])
     assert len(predictions) == evaluation["images"]
     probs = predictions.filter(like="prob_")
     assert list(probs.columns) == [f"prob_{d}0s" for d in range(1, 7)]
     assert ((probs.sum(axis=1) - 1).abs() < 1e-4).all()
 
     assert set(states(run()).values()) == {"Cached"}
-    assert states(run(epochs=9)) == {"extract": "Cached", "split": "Cached", "decode": "Cached",
-                                     "train": "Completed", "evaluate": "Completed"}
-    assert states(run(eval_batch_size=7)) == {"extract": "Cached", "split": "Cached", "decode": "Cached",
-                                              "train": "Cached", "evaluate": "Completed"}
+    assert states(run(epochs=9)) == {**UPSTREAM, "train": "Completed", "evaluate": "Completed"}
+    # Noise stays out of keys: batch size of inference, the device.
+    assert set(states(run(eval_batch_size=7, device="cpu")).values()) == {"Cached"}
 
 
-def test_embedding_feature_maps_and_explanations(run):
-    UPSTREAM = {"extract": "Cached", "split": "Cached", "decode": "Cached", "train": "Cached", "evaluate": "Cached"}
-    run()  # the trained model (cached when the test above ran first)
+def test_a_retraining_with_identical_weights_leaves_everything_downstream_cached(run):
+    before = run()
+    retrained = run(max_steps=1000)  # a new training setting that does not change what is trained
+    assert states(retrained) == {**UPSTREAM, "train": "Completed", "evaluate": "Cached"}
+    assert retrained["stages"]["train"]["key"] != before["stages"]["train"]["key"]
+    assert retrained["stages"]["evaluate"]["key"] == before["stages"]["evaluate"]["key"]
+
+
+def test_embedding_feature_maps_attention_and_explanations(run):
+    run()
     result = run(until="explain")
-    assert states(result) == {**UPSTREAM, "embed": "Completed", "featuremaps": "Completed", "explain": "Completed"}
-
+    assert states(result) == {**UPSTREAM, "evaluate": "Cached", "embed": "Completed", "featuremaps": "Completed",
+                              "attention": "Completed", "explain": "Completed"}
     embed = result["stages"]["embed"]
     coords = pd.read_parquet(embed["outputs"]["coordinates"])
     assert embed["summary"]["feature_dim"] == 192  # penultimate, not the 6 logits
     assert set(coords["split"]) == {"train", "val"} and len(coords) == embed["summary"]["images"]
     assert coords[["pca_x", "pca_y", "tsne_x", "tsne_y"]].notna().all().all()
-    assert all(Path(embed["outputs"][k]).stat().st_size > 10_000 for k in ("pca", "tsne"))
 
     maps_root = Path(result["stages"]["featuremaps"]["outputs"]["feature_maps"])
     for decade in ("10s", "20s", "30s", "40s", "50s", "60s"):
@@ -78,64 +90,107 @@ def test_embedding_feature_maps_and_explanations(run):
             assert sorted(p.name for p in (maps_root / decade / layer).iterdir()) == \
                 ["feature_map_0.png", "feature_map_1.png"]
 
+    attention = np.load(result["stages"]["attention"]["outputs"]["maps"])
+    assert sorted(k for k in attention.files if k.startswith("heat_")) == [f"heat_{d}0s" for d in range(1, 7)]
+    assert attention["heat_10s"].shape == (32, 32) and 0 <= attention["heat_10s"].min() <= attention["heat_10s"].max() <= 1
+
     explain = result["stages"]["explain"]
-    strips = Path(explain["outputs"]["strips"])
+    strips = Path(explain["outputs"]["explanations"])
     for decade in ("10s", "60s"):
         assert sorted(p.name for p in (strips / decade).iterdir()) == \
-            ["maps_0.npz", "maps_1.npz", "strip_0.png", "strip_1.png"]
+            ["cams_0.png", "cams_1.png", "maps_0.npz", "maps_1.npz", "strip_0.png", "strip_1.png"]
     raw = np.load(strips / "60s" / "maps_0.npz")
     assert raw["grad_cam"].shape == (32, 32) and raw["guided_backprop"].shape == (3, 32, 32)
-    sanity = pd.read_csv(explain["outputs"]["sanity"])
-    assert list(sanity["method"]) == ["grad_cam", "guided_backprop", "guided_grad_cam"]
-    assert (sanity["count"] + sanity["undefined"] == 4).all()
-    assert sanity["mean"].dropna().between(-1, 1).all() and sanity.loc[1, "count"] == 4
+    faith = pd.read_csv(explain["outputs"]["faithfulness"])
+    methods = ["grad_cam", "hirescam", "grad_cam_plus_plus", "xgrad_cam", "layer_cam", "guided_backprop",
+               "guided_grad_cam", "random"]
+    assert list(dict.fromkeys(faith["method"])) == methods and set(faith["class"]) == {"10s", "60s"}
+    assert faith[["deletion_auc", "insertion_auc"]].apply(lambda c: c.between(0, 1)).all().all()
+    steps = pd.read_csv(explain["outputs"]["randomisation"])
+    assert list(dict.fromkeys(steps["reinitialised"])) == ["classifier", "features.7+features.6", "features.5+features.4",
+                                                           "features.3+features.2", "features.1+features.0"]
+    assert steps["mean"].dropna().between(-1, 1).all()
+    logit = pd.read_csv(explain["outputs"]["random_logit"])
+    assert list(logit["method"]) == methods[:-1]
+    assert set(explain["summary"]["seconds"]) >= {"guided_backprop", "faithfulness (deletion + insertion)",
+                                                  "cascading randomisation", "random-logit test"}
 
-    assert states(run(until="explain")) == {**UPSTREAM, "embed": "Cached", "featuremaps": "Cached", "explain": "Cached"}
+    assert set(states(run(until="explain")).values()) == {"Cached"}
     changed = run(until="explain", explain_images=1)
-    assert states(changed) == {**UPSTREAM, "embed": "Cached", "featuremaps": "Cached", "explain": "Completed"}
-    assert states(run(until="embed")) == {**UPSTREAM, "embed": "Cached"}
+    assert {k: v for k, v in states(changed).items() if v != "Cached"} == {"explain": "Completed"}
+
+
+CONCURRENT = ("embed", "featuremaps", "attention", "explain")
+
+
+def test_concurrent_stages_write_what_a_serial_run_writes(run):
+    """embed, featuremaps, attention and explain run on threads at once: their outputs (plots
+    included) must equal those of the same stages run one after another."""
+    first = run(until="explain")
+    keyed = {s: _outputs(run.out, s, first["stages"][s]["key"]) for s in CONCURRENT}
+    settings = first["settings_object"]
+    for _ in range(2):  # concurrently again, from scratch
+        for stage in CONCURRENT:
+            shutil.rmtree(run.out / stage / first["stages"][stage]["key"])
+        again = run(until="explain")
+        assert {s: again["stages"][s]["state"] for s in CONCURRENT} == dict.fromkeys(CONCURRENT, "Completed")
+        for stage in CONCURRENT:
+            assert _outputs(run.out, stage, again["stages"][stage]["key"]) == keyed[stage], stage
+    # Serially, in this process, without Prefect.
+    with open_memo(run.out) as memo:
+        runner = Runner(settings, run.out, Inputs(settings.data, None, "none", settings.backbone, memo))
+        for stage in selected("train"):
+            runner.results[stage.name] = json.loads((run.out / stage.name / first["stages"][stage.name]["key"]
+                                                     / "result.json").read_text())
+        for stage in CONCURRENT:
+            job = runner.job(BY_NAME[stage])
+            shutil.rmtree(job.folder)
+            assert run_stage(job.__dict__)["outputs"] == keyed[stage], stage
+
+
+def _outputs(out: Path, stage: str, key: str) -> dict:
+    return json.loads((out / stage / key / "result.json").read_text())["outputs"]
 
 
 def test_corrupt_image_is_excluded_when_first_decoded(prefect_backend, small_cacd, tmp_path):
     victim = sorted((small_cacd / "CACD2000").iterdir())[0]
     victim.write_bytes(b"\xff\xd8 this is not a jpeg")
-    result = age_pipeline(data=str(small_cacd / "celebrity2000_meta.mat"), out=str(tmp_path / "a"),
-                          until="decode", per_class=1000, image_size=32)
+    result = age_pipeline(settings=RunSettings(data=str(small_cacd / "celebrity2000_meta.mat"), out=str(tmp_path / "a"),
+                                               until="decode", per_class="all", image_size=32))
     decode = result["stages"]["decode"]["summary"]
     assert decode["undecodable"] == 1 and decode["undecodable_examples"] == [victim.name]
     assert decode["images"] == result["stages"]["split"]["summary"]["images"] - 1
     assert victim.read_bytes() == b"\xff\xd8 this is not a jpeg"  # the user's file is left alone
 
 
-def test_report_and_artifacts_are_readable_through_the_api(run):
+def test_every_run_publishes_its_report_and_tables_even_when_cached(run):
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 
-    result = run(until="report")
-    assert result["stages"]["report"]["state"] in ("Completed", "Cached")
-    report_file = Path(result["stages"]["report"]["outputs"]["report"]).read_text()
+    run(until="report")
+    result = run(until="report")  # every stage cached
+    assert set(states(result).values()) == {"Cached"}
+    flow_run_id = result["run"]["run_id"]
     with get_client(sync_client=True) as client:
-        def latest(key):
-            found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
-                                          sort="CREATED_DESC", limit=1)
-            assert found, f"no artifact {key}"
-            return found[0]
-
-        report = latest("agelens-run-report")
-        assert report.type == "markdown" and report.data == report_file
-        assert report.data.count("data:image/png;base64,") >= 8  # curves, heatmap, PCA, t-SNE, 4 strips
-        assert "## Where the outputs are" in report.data
-        for key in ("agelens-extract-summary", "agelens-split-counts", "agelens-training-history",
-                    "agelens-classification-report-val", "agelens-confusion-matrix-val"):
-            assert latest(key).type == "table"
-        progress = latest("agelens-training-progress")
-        assert progress.type == "progress" and float(progress.data) == 100.0
-        rows = json.loads(latest("agelens-training-history").data)
-        assert {"epoch", "train_loss", "val_loss", "val_acc", "kept"} <= set(rows[0])
-        assert sum(row["kept"] for row in rows) == 1
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    by_key = {a.key: a for a in found}
+    assert {"agelens-run-report", "agelens-extract-summary", "agelens-split-counts", "agelens-training-history",
+            "agelens-classification-report-val", "agelens-confusion-matrix-val", "agelens-faithfulness",
+            "agelens-randomisation", "agelens-runs"} <= set(by_key)
+    report = by_key["agelens-run-report"].data
+    study = Path(result["stages"]["report"]["outputs"]["report"]).read_text()
+    assert report.startswith(study.rstrip()) and "## Since the last run" in report
+    # curves, heatmap, PCA, t-SNE, attention, 4 strips, faithfulness, randomisation
+    assert report.count("data:image/png;base64,") >= 11
+    drawn = result["stages"]["split"]["summary"]["per_class"]
+    assert "Drawn per class: " + ", ".join(f"{c} {n}" for c, n in drawn.items()) in study
+    rows = json.loads(by_key["agelens-training-history"].data)
+    assert {"epoch", "train_loss", "val_loss", "val_acc", "kept"} <= set(rows[0]) and sum(r["kept"] for r in rows) == 1
+    runs_table = json.loads(by_key["agelens-runs"].data)
+    assert runs_table[0]["run"] == flow_run_id[:8]
 
 
-def test_independent_stages_run_on_a_dask_cluster(run, learnable_cacd, tmp_path):
+def test_independent_stages_run_on_a_dask_cluster(run, learnable_cacd):
     from distributed import Client, LocalCluster
 
     from flows.age_pipeline import with_task_runner
@@ -143,11 +198,13 @@ def test_independent_stages_run_on_a_dask_cluster(run, learnable_cacd, tmp_path)
     run()  # the trained model, cached
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
         flow = with_task_runner("dask", cluster.scheduler_address)
-        # Settings no other test uses, so the three independent stages run (on the cluster).
-        options = {**TINY_TRAINING, **EXPLAIN, "explain_images": 3, "feature_images": 1, "tsne_perplexity": 10.0}
-        result = flow(data=str(learnable_cacd / "celebrity2000_meta.mat"), out=run.out, until="explain", **options)
+        # Settings no other test uses, so the independent stages run (on the cluster).
+        settings = RunSettings(data=str(learnable_cacd / "celebrity2000_meta.mat"), out=str(run.out), until="explain",
+                               **{**TINY_TRAINING, **EXPLAIN, "explain_images": 3, "feature_images": 1,
+                                  "tsne_perplexity": 10.0, "attention_images": 3})
+        result = flow(settings=settings)
         with Client(cluster.scheduler_address) as client:
             ran = client.run_on_scheduler(lambda dask_scheduler: sorted(dask_scheduler.task_prefixes))
     assert [states(result)[s] for s in ("embed", "featuremaps", "explain")] == ["Completed"] * 3
     assert states(result)["train"] == "Cached", states(result)
-    assert any(name.startswith("explain") for name in ran) and any(name.startswith("embed") for name in ran), ran
+    assert ran == ["run_stage"], ran  # every stage's work went through the cluster's scheduler

@@ -3,8 +3,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tasks.extract import list_images, validate
-from tasks.sources import DataError, detect_format, read_source
+from tasks.errors import DataError
+from tasks.extract import validate
+from tasks.sources import detect_format, list_images, read_source
 from tests.conftest import write_mat_v73
 
 
@@ -94,5 +95,25 @@ def test_list_images_is_relative_and_recursive(tmp_path):
     (tmp_path / "x" / "y").mkdir(parents=True)
     (tmp_path / "x" / "y" / "a.jpg").write_bytes(b"")
     (tmp_path / "b.jpg").write_bytes(b"")
-    assert list_images(tmp_path) == {"x/y/a.jpg", "b.jpg"}
-    assert list_images(Path(tmp_path / "x")) == {"y/a.jpg"}
+    assert list_images(tmp_path).files == {"x/y/a.jpg", "b.jpg"}
+    assert list_images(Path(tmp_path / "x")).files == {"y/a.jpg"}
+
+
+def test_symlinks_are_followed_only_inside_the_image_root(tmp_path):
+    """A symlinked class folder inside the root is read; one leading outside is reported."""
+    root, elsewhere = tmp_path / "faces", tmp_path / "elsewhere"
+    for folder in (root / "20s", root / "shared", elsewhere):
+        folder.mkdir(parents=True)
+    for path in (root / "20s" / "a.jpg", root / "shared" / "b.jpg", elsewhere / "c.jpg"):
+        path.write_bytes(b"x")
+    (root / "30s").symlink_to(root / "shared")  # inside the root: followed
+    (root / "40s").symlink_to(elsewhere)  # outside: reported, never read
+    (root / "20s" / "d.jpg").symlink_to(elsewhere / "c.jpg")
+    listing = list_images(root)
+    assert listing.files == {"20s/a.jpg", "shared/b.jpg", "30s/b.jpg"}
+    assert listing.outside_root == {"40s", "20s/d.jpg"}
+    raw = read_source(root, "folders")
+    table, summary = validate(raw, listing)
+    assert sorted(table["path"]) == ["20s/a.jpg", "30s/b.jpg", "shared/b.jpg"]
+    assert summary["dropped"]["symlink_outside_root"] == 2 and summary["dropped"]["missing_image"] == 0
+    assert sorted(summary["dropped_examples"]["symlink_outside_root"]) == ["20s/d.jpg", "40s/c.jpg"]

@@ -3,6 +3,7 @@ import pandas as pd
 import pytest
 
 from tasks.extract import validate
+from tasks.sources import Listing
 from tasks.split import make_manifest
 
 CLASSES = ["10s", "20s", "30s", "40s", "50s", "60s"]
@@ -18,7 +19,7 @@ def table():
         for k in range(10):
             rows.append({"path": f"p{person}_{k}.jpg", "age": int(start + rng.integers(0, 9)), "identity": person})
     raw = pd.DataFrame(rows)
-    kept, _ = validate(raw, set(raw["path"]))
+    kept, _ = validate(raw, Listing(set(raw["path"]), set()))
     return kept
 
 
@@ -59,3 +60,9 @@ def test_image_split_reproduces_reference_leak_and_test_fraction(table):
     assert summary["shared_identities"] > 0  # the reference's fault, kept for comparison
     ident, ident_summary = make_manifest(table, CLASSES, 60, 0, "identity", val_frac=0.2, test_frac=0.1)
     assert set(ident["split"]) == {"train", "val", "test"} and ident_summary["shared_identities"] == 0
+
+
+def test_all_takes_every_image_without_warnings(table):
+    manifest, summary = make_manifest(table, CLASSES, "all", 0, "identity", 0.2, 0.0)
+    assert len(manifest) == len(table) and summary["warnings"] == []
+    assert summary["per_class"] == table["label"].value_counts().reindex(CLASSES).to_dict()

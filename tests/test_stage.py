@@ -1,45 +1,34 @@
-"""Cache keys by content, and atomic stage folders."""
+"""Atomic stage folders and the file-hash memo."""
 
-from pathlib import Path
+import json
 
 import pytest
 
 from tasks.hashing import HashMemo
-from tasks.stage import StageKey, canonical, stage_output
-
-
-def test_keys_follow_content_and_settings_not_paths_or_summaries():
-    key = StageKey("split", ("tasks.split",))
-    base = {"metadata": {"outputs": {"m": {"path": "/a/m.parquet", "sha256": "1"}}, "summary": {"t": 1.5}},
-            "per_class": 200, "out": "/x"}
-    moved = {"metadata": {"outputs": {"m": {"path": "/b/m.parquet", "sha256": "1"}}, "summary": {"t": 9.0}},
-             "per_class": 200, "out": "/y"}
-    assert key.digest(base) == key.digest(moved)
-    assert key.digest(base) != key.digest({**base, "per_class": 100})
-    edited = {**base, "metadata": {"outputs": {"m": {"path": "/a/m.parquet", "sha256": "2"}}}}
-    assert key.digest(base) != key.digest(edited)
-    assert key.digest(base) != StageKey("split", ("tasks.extract",)).digest(base)  # code is part of the key
-    assert key(None, base) == f"split/{key.digest(base)}/.prefect-result"
-    with pytest.raises(TypeError, match="as handles"):
-        canonical({"source": Path("/a")})
+from tasks.stage import Job, read_result
 
 
 def test_stage_folder_appears_complete_or_not_at_all(tmp_path):
-    final = tmp_path / "train" / "abc"
+    job = Job(stage="train", key="abc", out=str(tmp_path), components={"settings": {"epochs": 3}})
     with pytest.raises(RuntimeError):
-        with stage_output(final) as out:
+        with job.output() as out:
             out.path("model.pt").write_bytes(b"half")
             raise RuntimeError("killed")
-    assert not final.exists() and list((tmp_path / "train").iterdir()) == []
+    assert not job.folder.exists() and list((tmp_path / "train").iterdir()) == []
 
-    with stage_output(final, {"epochs": 3, "out": "/x"}) as out:
-        out.scratch.mkdir()
-        (out.scratch / "checkpoint.pt").write_bytes(b"resume me")
+    job.scratch.mkdir()
+    (job.scratch / "checkpoint.pt").write_bytes(b"resume me")
+    with job.output() as out:
         out.path("model.pt").write_bytes(b"weights")
-        handle = out.handle("model.pt")
-        assert not final.exists()
-    assert (final / "model.pt").read_bytes() == b"weights" and handle["path"] == str(final / "model.pt")
-    assert (final / "parameters.json").read_text().count("epochs") == 1 and not out.scratch.exists()
+        out.path("timings.csv").write_text("epoch,seconds\n1,2.5\n")
+        out.add("model", "model.pt")
+        out.add("timings", "timings.csv", keyed=False)
+        result = out.finish({"best_epoch": 1}, meta={"classes": ["a", "b"]})
+        assert not job.folder.exists()
+    assert (job.folder / "model.pt").read_bytes() == b"weights" and not job.scratch.exists()
+    assert json.loads((job.folder / "parameters.json").read_text()) == {"settings": {"epochs": 3}}
+    assert read_result(tmp_path, "train", "abc") == result
+    assert "sha256" in result["outputs"]["model"] and "sha256" not in result["outputs"]["timings"]
 
 
 def test_file_hashes_are_remembered_by_size_and_mtime(tmp_path, monkeypatch):

@@ -7,10 +7,13 @@ import pytest
 import torch
 from sklearn.metrics import classification_report, confusion_matrix
 
+from tasks.errors import DataError
 from tasks.evaluate import classification_metrics
-from tasks.models import build_model, last_linear_name
-from tasks.sources import DataError
-from tasks.train import Runtime, TrainSettings, augment, fit
+from tasks.inference import Runtime
+from tasks.models import build_model, last_linear_name, minimum_image_size
+from tasks.train import augment, fit
+
+SETTINGS = {"epochs": 3, "batch_size": 16, "lr": 1e-3, "seed": 4, "max_steps": None}
 
 
 @pytest.mark.parametrize("backbone, head", [
@@ -53,6 +56,7 @@ def test_weights_that_do_not_fit_name_the_keys(tmp_path):
 
 def test_offline_imagenet_stops_before_any_work(prefect_backend, small_cacd, tmp_path, monkeypatch):
     from flows.age_pipeline import age_pipeline
+    from flows.settings import RunSettings
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
 
@@ -62,8 +66,8 @@ def test_offline_imagenet_stops_before_any_work(prefect_backend, small_cacd, tmp
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
     out = tmp_path / "artifacts"
     with pytest.raises(DataError) as error:
-        age_pipeline(data=str(small_cacd / "celebrity2000_meta.mat"), out=str(out), until="train",
-                     backbone="resnet18", weights="imagenet")
+        age_pipeline(settings=RunSettings(data=str(small_cacd / "celebrity2000_meta.mat"), out=str(out), until="train",
+                                          backbone="resnet18", weights="imagenet"))
     expected = tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
     assert str(expected) in str(error.value) and "--weights PATH" in str(error.value)
     assert not (out / "extract").exists()
@@ -71,9 +75,8 @@ def test_offline_imagenet_stops_before_any_work(prefect_backend, small_cacd, tmp
 
 def test_augment_draws_per_image_and_is_seeded():
     x = torch.rand(64, 3, 8, 8)
-    settings = TrainSettings()
-    a = augment(x.clone(), settings, torch.Generator().manual_seed(0))
-    b = augment(x.clone(), settings, torch.Generator().manual_seed(0))
+    a = augment(x.clone(), torch.Generator().manual_seed(0))
+    b = augment(x.clone(), torch.Generator().manual_seed(0))
     assert torch.equal(a, b)
     def corr(p, q):
         return torch.corrcoef(torch.stack([p.flatten(), q.flatten()]))[0, 1]
@@ -95,14 +98,14 @@ def _toy_data(seed=0, n=96, size=32):  # ConvNeXt needs at least 32 px
 def test_killed_training_resumes_to_the_same_weights(tmp_path, monkeypatch):
     import tasks.train as train
 
-    data = _toy_data()
-    settings = TrainSettings(backbone="convnext_narrow", epochs=3, batch_size=16, lr=1e-3, seed=4)
+    images, labels = _toy_data()
+    rows = np.arange(len(labels))
     runtime = Runtime.resolve("cpu", "auto", "auto")
 
     def run(checkpoint):
-        torch.manual_seed(settings.seed)
+        torch.manual_seed(SETTINGS["seed"])
         model = build_model("convnext_narrow", 3)
-        return model, fit(model, data, data, settings, runtime, checkpoint)
+        return model, fit(model, images, labels, rows, rows, SETTINGS, runtime, checkpoint)
 
     whole_model, whole = run(tmp_path / "whole.pt")
 
@@ -126,15 +129,23 @@ def test_killed_training_resumes_to_the_same_weights(tmp_path, monkeypatch):
     assert [r["val_loss"] for r in resumed["history"]] == [r["val_loss"] for r in whole["history"]]
 
 
-def test_kept_epoch_has_the_lowest_validation_loss(tmp_path):
-    data = _toy_data(1)
-    settings = TrainSettings(backbone="convnext_narrow", epochs=4, batch_size=16, lr=3e-3, seed=0)
+def test_kept_epoch_has_the_lowest_validation_loss_and_steps_are_capped(tmp_path):
+    train_images, train_labels = _toy_data(1)
+    val_images, val_labels = _toy_data(2)
+    images, labels = np.concatenate([train_images, val_images]), np.concatenate([train_labels, val_labels])
+    settings = {**SETTINGS, "epochs": 4, "lr": 3e-3, "seed": 0, "max_steps": 2}
     torch.manual_seed(0)
-    result = fit(build_model("convnext_narrow", 3), data, _toy_data(2), settings,
+    result = fit(build_model("convnext_narrow", 3), images, labels, np.arange(96), np.arange(96, 192), settings,
                  Runtime.resolve("cpu", "fp32", "off"), tmp_path / "c.pt")
     losses = [r["val_loss"] for r in result["history"]]
     assert result["best_epoch"] == int(np.argmin(losses)) + 1
     assert [r["kept"] for r in result["history"]] == [e == result["best_epoch"] for e in range(1, 5)]
+    assert [t["images"] for t in result["timings"]] == [2 * 16] * 4  # --max-steps 2 of batch 16
+
+
+def test_image_size_below_a_backbones_minimum_is_found():
+    assert minimum_image_size("convnext_narrow", 64) is None
+    assert minimum_image_size("convnext_narrow", 20) == 32
 
 
 def test_metrics_equal_scikit_learn_on_a_hand_made_table():

@@ -1,0 +1,71 @@
+"""The stage graph: keys from content, settings read and transitive code; never paths or noise."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from flows.codeversion import ROOT, closure, code_version
+from flows.graph import STAGES, components, content_digest, key_of
+from flows.settings import RunSettings
+
+UPSTREAM = {"outputs": {"model": {"file": "model.pt", "sha256": "m1"}, "timings": {"file": "timings.csv"}},
+            "summary": {"seconds": 12.5}, "meta": {"classes": ["10s", "20s"]}, "key": "k1", "stage": "train"}
+
+
+def test_every_setting_a_stage_reads_is_a_run_setting():
+    fields = set(RunSettings.model_fields)
+    for stage in STAGES:
+        assert set(stage.reads) <= fields and set(stage.uses) <= fields, stage.name
+        assert not set(stage.reads) & {"out", "device", "eval_batch_size", "data", "images"}, stage.name
+
+
+def test_upstream_content_counts_not_its_key_timings_or_location():
+    evaluate = next(s for s in STAGES if s.name == "evaluate")
+    base = key_of(components(evaluate, RunSettings(), {"decode": UPSTREAM, "train": UPSTREAM}, {}))
+    elsewhere = {**UPSTREAM, "key": "k2", "summary": {"seconds": 99.0},
+                 "outputs": {**UPSTREAM["outputs"], "timings": {"file": "other.csv"}}}
+    assert key_of(components(evaluate, RunSettings(), {"decode": UPSTREAM, "train": elsewhere}, {})) == base
+    retrained = {**UPSTREAM, "outputs": {**UPSTREAM["outputs"], "model": {"file": "model.pt", "sha256": "m2"}}}
+    assert key_of(components(evaluate, RunSettings(), {"decode": UPSTREAM, "train": retrained}, {})) != base
+    # Settings the stage does not read, or that do not change results, are not in its key.
+    for change in ({"epochs": 9}, {"eval_batch_size": 7}, {"device": "cpu"}, {"out": "/elsewhere"}):
+        assert key_of(components(evaluate, RunSettings(**change), {"decode": UPSTREAM, "train": UPSTREAM}, {})) == base
+    assert content_digest(UPSTREAM) == content_digest({**UPSTREAM, "summary": {}})
+
+
+def test_inputs_are_keyed_by_content_only():
+    extract = STAGES[0]
+    one = {"source": {"path": "/a/meta.mat", "sha256": "s"}, "listing": {"path": "/a/CACD2000", "sha256": "l"}}
+    moved = {"source": {"path": "/b/meta.mat", "sha256": "s"}, "listing": {"path": "/b/faces", "sha256": "l"}}
+    edited = {**one, "listing": {"path": "/a/CACD2000", "sha256": "l2"}}
+    key = key_of(components(extract, RunSettings(), {}, one))
+    assert key == key_of(components(extract, RunSettings(), {}, moved))
+    assert key != key_of(components(extract, RunSettings(), {}, edited))
+
+
+def _copy_package(tmp_path: Path) -> Path:
+    for package in ("tasks", "flows"):
+        shutil.copytree(ROOT / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__"))
+    return tmp_path
+
+
+@pytest.mark.parametrize("module, helper, dependents", [
+    ("picking", "def first_per_class", {"embed", "featuremaps", "attention", "explain"}),
+    ("inference", "def normalise", {"train", "evaluate", "embed", "featuremaps", "attention", "explain"}),
+    ("markdown", "def escape", {"report"}),
+    ("sources", "def list_images", {"extract"}),
+    ("labels", "def decade_values", {"extract", "evaluate"}),
+])
+def test_a_helper_edit_changes_exactly_the_stages_that_import_it(tmp_path, module, helper, dependents):
+    """Code versions are computed from imports, transitively: edit a helper in a copy of the
+    package and compare every stage's code version before and after."""
+    root = _copy_package(tmp_path)
+    before = {s.name: code_version(s.module, root) for s in STAGES}
+    path = root / "tasks" / f"{module}.py"
+    source = path.read_text()
+    assert helper in source
+    path.write_text(source.replace(helper, f"# edited\n{helper}", 1))
+    code_version.cache_clear(), closure.cache_clear()
+    after = {s.name: code_version(s.module, root) for s in STAGES}
+    assert {name for name in before if before[name] != after[name]} == dependents
