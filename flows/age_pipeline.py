@@ -136,7 +136,6 @@ def age_pipeline(settings: RunSettings = RunSettings()) -> dict:
 def finish(settings: RunSettings, out: Path, inputs: Inputs, runner: Runner) -> dict:
     """Publish this run's artifacts, append it to the run table, record its data fingerprint."""
     from prefect.runtime import flow_run
-    from prefect.variables import Variable
 
     from flows.publish import run_report, run_tables
     from tasks.artifacts import publish_run
@@ -151,8 +150,8 @@ def finish(settings: RunSettings, out: Path, inputs: Inputs, runner: Runner) -> 
     runs.append_run(out, row)
     publish_run(run_tables(out, results, [*previous, row]), run_report(out, results, previous, row))
     if data is not None:
-        Variable.set(runs.state_variable(settings), {"fingerprint": data, "drawn": row["drawn"], "run_id": row["run_id"],
-                                                     "time": row["time"]}, overwrite=True)
+        runs.set_variable(runs.state_variable(settings), {"fingerprint": data, "drawn": row["drawn"],
+                                                          "run_id": row["run_id"], "time": row["time"]})
     return row
 
 

@@ -135,3 +135,18 @@ def table_rows(rows: list[dict], limit: int = 30) -> list[dict]:
                     "macro-F1": val.get("macro_f1"), "MAE (decades)": val.get("mae_decades"),
                     "best epoch": r.get("best_epoch"), "training s": r.get("training_seconds")})
     return out
+
+
+def set_variable(name: str, value: dict) -> None:
+    """Prefect's Variable.set(overwrite=True) reads, then creates or updates: two runs finishing at
+    once can both try to create. The loser retries, and then updates."""
+    from prefect.exceptions import ObjectAlreadyExists
+    from prefect.variables import Variable
+
+    for attempt in range(3):
+        try:
+            Variable.set(name, value, overwrite=True)
+            return
+        except ObjectAlreadyExists:
+            if attempt == 2:
+                raise

@@ -84,7 +84,7 @@ def watch_data(settings: RunSettings = RunSettings(), pipeline: str = "age-pipel
                                       "prefect.resource.name": settings.data or "demo", "agelens.pipeline": pipeline},
                payload={"settings": settings.dump(), "fingerprint": data, "drawn": drawn,
                         "previous": last and last.get("fingerprint")})
-    Variable.set(runs.emitted_variable(settings), {"fingerprint": data, "time": time.time()}, overwrite=True)
+    runs.set_variable(runs.emitted_variable(settings), {"fingerprint": data, "time": time.time()})
     log.info("data changed (%s -> %s), drawn per class %s: asked %s to retrain", (last or {}).get("fingerprint", "none")[:8],
              data[:8], drawn, pipeline)
     return {**report, "emitted": True}
