@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -57,6 +58,24 @@ class PrefectServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
         self.log.close()
+
+    @contextmanager
+    def worker(self, pool: str, query_seconds: float = 1.0):
+        """A process worker of `pool` (polling every `query_seconds`) while the block runs."""
+        prefect = Path(sys.executable).with_name("prefect")
+        log = open(self.home / f"worker-{pool}.log", "w")
+        env = {**self.env, "PREFECT_WORKER_QUERY_SECONDS": str(query_seconds), "PREFECT_LOGGING_LEVEL": "INFO"}
+        process = subprocess.Popen([str(prefect), "worker", "start", "--pool", pool, "--type", "process"], cwd=REPO,
+                                   env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            yield process
+        finally:
+            process.terminate()
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+            log.close()
 
     def run(self, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
         """A command of this repo's environment against this server."""

@@ -28,7 +28,10 @@ EVENT = "agelens.data.changed"
 
 
 def pipeline_busy(pipeline: str, settings: RunSettings) -> bool:
-    """Whether a run of deployment `pipeline` with these settings is scheduled or running."""
+    """Whether a run of deployment `pipeline` with these settings is running or about to start
+    (a nightly run scheduled for later does not count)."""
+    from datetime import datetime, timedelta, timezone
+
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (
         DeploymentFilter,
@@ -48,9 +51,11 @@ def pipeline_busy(pipeline: str, settings: RunSettings) -> bool:
             flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])),
             deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[deployment])),
             flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=active))))
+    soon = datetime.now(timezone.utc) + timedelta(minutes=1)
     wanted = settings.dump()
-    return any(RunSettings(**r.parameters.get("settings", {})).dump() == wanted for r in found
-               if isinstance(r.parameters.get("settings"), dict))
+    return any(isinstance(r.parameters.get("settings"), dict) and RunSettings(**r.parameters["settings"]).dump() == wanted
+               and (r.state_type != StateType.SCHEDULED or r.expected_start_time is None or r.expected_start_time <= soon)
+               for r in found)
 
 
 @flow(name="watch-data")
