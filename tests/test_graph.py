@@ -69,3 +69,9 @@ def test_a_helper_edit_changes_exactly_the_stages_that_import_it(tmp_path, modul
     code_version.cache_clear(), closure.cache_clear()
     after = {s.name: code_version(s.module, root) for s in STAGES}
     assert {name for name in before if before[name] != after[name]} == dependents
+
+
+def test_no_stage_imports_another_stage():
+    stages = {s.module for s in STAGES}
+    for stage in STAGES:
+        assert not (set(closure(stage.module)) - {stage.module}) & stages, stage.name
