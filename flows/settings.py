@@ -55,8 +55,8 @@ class RunSettings(BaseModel):
     epochs: int = Field(5, ge=1)
     batch_size: int = Field(32, ge=1)
     lr: float = Field(1e-4, gt=0, description="Adam's learning rate")
-    max_steps: int | None = Field(None, ge=1, description="at most this many optimisation steps per epoch "
-                                                          "(benchmarks and smoke runs)")
+    max_steps: int | None = Field(None, ge=1, description="at most this many batches per epoch, of training and "
+                                                          "of validation (benchmarks and smoke runs)")
     image_size: int = Field(224, ge=16, description="images are resized to this square size")
     device: str = Field("auto", description="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto uses bf16 where it is faster")

@@ -95,7 +95,8 @@ def _private_rng(runtime: Runtime):
 
 def fit(model, array: np.ndarray, labels: np.ndarray, train_rows: np.ndarray, val_rows: np.ndarray, settings: dict,
         runtime: Runtime, checkpoint: Path, log=None, on_epoch=None) -> dict:
-    """Train for settings['epochs'] (at most settings['max_steps'] batches each), checkpointing
+    """Train for settings['epochs'] (at most settings['max_steps'] batches each, for training and
+    for validation), checkpointing
     each epoch into `checkpoint` and resuming from it when present. `on_epoch(epoch, row)` is
     called after each epoch. Returns history, timings, the best epoch and its weights."""
     model = prepare(model, runtime)
@@ -119,7 +120,9 @@ def fit(model, array: np.ndarray, labels: np.ndarray, train_rows: np.ndarray, va
             train_metrics = train_one_epoch(model, array, labels, plan, optimizer, runtime, generator,
                                             desc=f"epoch {epoch}/{epochs}")
             seconds = time.perf_counter() - began
-            val_metrics = evaluate(model, array, labels, val_rows, runtime, batch_size=max(settings["batch_size"], 64))
+            val_size = max(settings["batch_size"], 64)
+            capped = val_rows if settings["max_steps"] is None else val_rows[: settings["max_steps"] * val_size]
+            val_metrics = evaluate(model, array, labels, capped, runtime, batch_size=val_size)
             row = {"epoch": epoch, "train_loss": train_metrics["loss"], "train_acc": train_metrics["acc"],
                    "val_loss": val_metrics["loss"], "val_acc": val_metrics["acc"]}
             history.append(row)
