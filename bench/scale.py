@@ -28,9 +28,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from measure import machine, run_measured  # noqa: E402  (bench/ is on sys.path when run as a script)
-
-from tasks.sources import read_source
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.measure import machine, run_measured  # noqa: E402
+from tasks.sources import read_source  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_META = REPO / ".." / "shared" / "data" / "cacd" / "celebrity2000_meta.mat"

@@ -1,0 +1,22 @@
+"""Benchmarks count what they ran: images processed divided by the time, whatever is on disk."""
+
+import numpy as np
+import torch
+
+from bench.train_throughput import agelens_loop, ceiling_loop, decoded_array, ensure_images, labels_of, reference_loop
+from tasks.demo import DemoSpec, write_demo
+from tasks.inference import Runtime
+
+
+def test_loops_count_the_images_they_processed_even_when_too_few_were_on_disk(tmp_path):
+    write_demo(tmp_path, DemoSpec(identities=1, images_per_identity=10))  # 10 images; 4 x (3 + 1) = 16 needed
+    files = ensure_images(tmp_path, 16)
+    assert len(files) == 16 and len(list((tmp_path / "CACD2000").glob("*.jpg"))) >= 16
+    labels = labels_of(files)
+    runtime = Runtime.resolve("cpu", "fp32", "off")
+    seen, seconds = reference_loop(files, labels, "convnext_narrow", 32, 4, 3, torch.device("cpu"), 0)
+    assert seen == 12 and seconds > 0
+    array = decoded_array(files, 32, tmp_path)
+    assert array.shape == (16, 32, 32, 3) and np.asarray(array).any()
+    assert agelens_loop(array, labels, "convnext_narrow", 4, 3, runtime)[0] == 12
+    assert ceiling_loop("convnext_narrow", 32, 4, 3, runtime)[0] == 12
