@@ -51,13 +51,20 @@ def synthetic_face(index: int) -> Image.Image:
 
 
 def write_images(names: list[str], root: Path, threads: int) -> int:
-    """The images not on disk yet; returns how many were written."""
+    """The images not in `root` yet (linked from a sibling folder that has them, or drawn);
+    returns how many were added. A folder holds exactly the images of one N."""
     root.mkdir(parents=True, exist_ok=True)
     present = set(os.listdir(root))
     missing = [(i, n) for i, n in enumerate(names) if n not in present]
+    donors = [d for d in root.parent.glob("CACD2000-*") if d != root]
 
     def write(item):
         i, name = item
+        for donor in donors:
+            try:
+                return os.link(donor / name, root / name)
+            except OSError:
+                continue
         synthetic_face(i).save(root / name, quality=90)
 
     with ThreadPoolExecutor(threads) as pool:
@@ -92,7 +99,7 @@ def main() -> None:
 
     names = read_source(args.meta, "mat-v5")["path"].tolist()
     names = names[: args.images] if args.images else names
-    faces = args.workdir / "CACD2000"
+    faces = args.workdir / f"CACD2000-{len(names)}"
     began = time.perf_counter()
     written = write_images(names, faces, threads)
     print(f"images: {len(names):,} synthetic 250x250 JPEGs in {faces} ({written:,} written now, "
