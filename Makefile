@@ -2,8 +2,6 @@
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
-# Small settings so the whole demo study runs in minutes on a 2-core CPU.
-DEMO_ARGS ?= --backbone convnext_narrow --image-size 64 --epochs 12 --lr 3e-4
 
 .PHONY: demo test bench clean-artifacts
 
@@ -13,14 +11,20 @@ $(BIN)/agelens: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test,dask]'
 	touch $@
 
+# The whole study on the built-in demo data, with the demo preset (small model, 64 px).
 demo: $(BIN)/agelens
-	$(BIN)/agelens run $(DEMO_ARGS)
+	$(BIN)/agelens run --preset demo
 
 test: $(BIN)/agelens
 	$(BIN)/python -m pytest -q
 
+# Smoke runs of every benchmark (each prints what it compared, on which machine, and the ratio).
 bench: $(BIN)/agelens
-	$(BIN)/python bench/extract_speed.py
+	$(BIN)/python bench/extract_speed.py --quick
+	$(BIN)/python bench/cached_rerun.py --quick
+	$(BIN)/python bench/train_throughput.py --quick
+	$(BIN)/python bench/explain_cost.py --quick
+	$(BIN)/python bench/scale.py --images 2000 --image-size 64
 
 clean-artifacts:
-	rm -rf artifacts/*/ artifacts/.cache
+	rm -rf artifacts/*/ artifacts/.cache artifacts/.agelens

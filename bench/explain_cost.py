@@ -36,7 +36,8 @@ from bench.measure import machine, spread  # noqa: E402
 from bench.train_throughput import ensure_images  # noqa: E402
 from flows.graph import BY_NAME  # noqa: E402
 from flows.settings import RunSettings  # noqa: E402
-from tasks import attention, explain, plots  # noqa: E402
+from tasks import attention, explain  # noqa: E402
+from tasks.plots import base, explanations  # noqa: E402
 from tasks.attribution import cam_maps, guided_backprop, guided_grad_cam, resolve_layer  # noqa: E402
 from tasks.decode import decode_into  # noqa: E402
 from tasks.inference import Runtime, model_input  # noqa: E402
@@ -66,7 +67,7 @@ def before(model_path: Path, backbone: str, image_size: int, array: np.ndarray, 
     maps, targets = maps_of(model)
     for i, row in enumerate(rows):
         image = np.asarray(array[row])
-        plots.save(plots.explanation_strip(image, maps["grad_cam"][i], maps["guided_backprop"][i].transpose(1, 2, 0),
+        base.save(explanations.explanation_strip(image, maps["grad_cam"][i], maps["guided_backprop"][i].transpose(1, 2, 0),
                                            maps["guided_grad_cam"][i].transpose(1, 2, 0), "title"),
                    folder / f"strip_{i}.png", dpi=90)
         np.savez_compressed(folder / f"maps_{i}.npz", image=image, **{m: v[i] for m, v in maps.items()})
@@ -108,7 +109,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         (out / "decode" / "d").mkdir(parents=True)
-        decode_into(out / "decode" / "d" / "images.u8", [str(f) for f in chosen], Path("/"), args.image_size, 2)
+        decoded = decode_into(out / "decode" / "d" / "images.u8", [str(f) for f in chosen], Path("/"), args.image_size, 2)
+        assert decoded.all(), "every benchmark image must decode"
         index = pd.DataFrame({"path": [f.name for f in chosen], "split": "val",
                               "label": [c for c in CLASSES for _ in per_class[c]],
                               "class_index": [i for i, c in enumerate(CLASSES) for _ in per_class[c]]})

@@ -44,6 +44,7 @@ from tasks.train import epoch_plan, train_one_epoch  # noqa: E402
 
 def ensure_images(folder: Path, needed: int) -> list[Path]:
     """`needed` drawn faces: the folder is (re)generated whenever it holds fewer."""
+    folder = folder.resolve()
     files = sorted((folder / "CACD2000").glob("*.jpg")) if (folder / "CACD2000").is_dir() else []
     if len(files) < needed:
         write_demo(folder, DemoSpec(identities=math.ceil(needed / 10) + 6, images_per_identity=10))

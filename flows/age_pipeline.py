@@ -150,8 +150,8 @@ def finish(settings: RunSettings, out: Path, inputs: Inputs, runner: Runner) -> 
     runs.append_run(out, row)
     publish_run(run_tables(out, results, [*previous, row]), run_report(out, results, previous, row))
     if data is not None:
-        runs.set_variable(runs.state_variable(settings), {"fingerprint": data, "drawn": row["drawn"],
-                                                          "run_id": row["run_id"], "time": row["time"]})
+        runs.record_state(settings, {"fingerprint": data, "drawn": row["drawn"], "run_id": row["run_id"],
+                                     "time": row["time"]})
     return row
 
 

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import sys
+import types
 import typing
 
 from flows.settings import RunSettings, option, parse_settings
@@ -35,7 +36,8 @@ def _add_settings(parser: argparse.ArgumentParser) -> None:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(field.annotation) is typing.Literal:
             kwargs["choices"] = list(typing.get_args(field.annotation))
-        elif args and all(typing.get_origin(a) is typing.Literal for a in args):
+        elif typing.get_origin(field.annotation) in (typing.Union, types.UnionType) and args and \
+                all(typing.get_origin(a) is typing.Literal for a in args):
             kwargs["choices"] = [v for a in args for v in typing.get_args(a)]
         else:
             kwargs["metavar"] = "PATH" if name in ("data", "images", "out") else name.upper()

@@ -43,11 +43,11 @@ def learning_curve(out: Path, points: list[dict]) -> Path:
     """The learning-curve plot of these points, drawn once per distinct set of points."""
     path = out / "runs" / f"learning-curve-{sha256_json(sorted(points, key=json.dumps))[:16]}.png"
     if not path.exists():
-        from tasks import plots
+        from tasks.plots import base, runs as run_plots
         from tasks.stage import atomic_write_bytes
 
         tmp = path.with_name(f".{path.name}.partial.png")
-        plots.save(plots.learning_curve(points), tmp)
+        base.save(run_plots.learning_curve(points), tmp)
         atomic_write_bytes(path, tmp.read_bytes())
         tmp.unlink()
     return path

@@ -150,3 +150,14 @@ def set_variable(name: str, value: dict) -> None:
         except ObjectAlreadyExists:
             if attempt == 2:
                 raise
+
+
+def record_state(settings, state: dict) -> None:
+    """What a successful run trained on, for the watcher; written only when the data changed
+    (a read costs the server less than a write, and a cached rerun changes nothing)."""
+    from prefect.variables import Variable
+
+    name = state_variable(settings)
+    current = Variable.get(name, default=None)
+    if not current or current.get("fingerprint") != state["fingerprint"]:
+        set_variable(name, state)

@@ -16,7 +16,6 @@ from pathlib import Path
 
 from flows.server import REPO, PrefectServer
 
-DEMO = ["--backbone", "convnext_narrow", "--image-size", "64", "--epochs", "12", "--lr", "3e-4"]
 
 
 def screenshot(url: str, target: Path, height: int) -> None:
@@ -40,7 +39,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, PrefectServer(Path(tmp)) as server:
         print(f"server {server.url} (PREFECT_UI_API_URL set to it)")
         # A fresh output folder, so that every stage runs and publishes its artifacts.
-        server.run(str(Path(sys.executable).with_name("agelens")), "run", *DEMO, "--out", str(Path(tmp) / "out"),
+        server.run(str(Path(sys.executable).with_name("agelens")), "run", "--preset", "demo", "--out", str(Path(tmp) / "out"),
                    timeout=1800)
         run = server.api("POST", "/flow_runs/filter", json={"sort": "START_TIME_DESC", "limit": 1})[0]
         report = server.api("POST", "/artifacts/filter",

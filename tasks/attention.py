@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tasks import plots
+from tasks.plots import base, explanations
 from tasks.arrays import batch_rows, batches, open_decoded
 from tasks.attribution import cam_layer_of, cam_maps
 from tasks.inference import load_trained, model_input, runtime_for
@@ -40,7 +40,7 @@ def run(job: Job) -> dict:
     counts = {c: len(r) for c, r in picked.items()}
     log.info("mean Grad-CAM on %s over %s val images per class", cam_layer, counts)
     with job.output() as out:
-        plots.save(plots.class_grid(faces, heats, counts, f"Mean Grad-CAM per class on {cam_layer} (val images, "
+        base.save(explanations.class_grid(faces, heats, counts, f"Mean Grad-CAM per class on {cam_layer} (val images, "
                                                           "predicted class) over the mean face"), out.path("attention.png"))
         np.savez_compressed(out.path("attention.npz"), **{f"heat_{c}": h for c, h in heats.items()},
                             **{f"face_{c}": f for c, f in faces.items()})

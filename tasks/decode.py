@@ -21,6 +21,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from tasks.errors import DataError
+from tasks.progress import DECODE, Progress
 from tasks.stage import Job, logger
 
 GROUP = 16  # images per unit of work: small enough to keep every thread busy
@@ -100,12 +101,10 @@ class DecodeProgress:
     """Images/s and the time left, in the terminal (tqdm), the log and the Prefect UI."""
 
     def __init__(self, total: int, log, every: float = 30.0):
-        from tasks.artifacts import Progress
-
         self.total, self.log, self.every = total, log, every
         self.began = self.logged = time.monotonic()
         self.bar = tqdm(total=total, desc="decode", unit="img", disable=None)
-        self.artifact = Progress("decode_progress", f"Decoding {total:,} images", total)
+        self.artifact = Progress(DECODE, f"Decoding {total:,} images", total)
 
     def __call__(self, done: int) -> None:
         self.bar.update(done - self.bar.n)

@@ -6,7 +6,7 @@ import numpy as np
 from sklearn.decomposition import PCA
 from sklearn.manifold import TSNE
 
-from tasks import plots
+from tasks.plots import base, evaluation
 from tasks.arrays import open_decoded
 from tasks.inference import load_trained, penultimate_features, runtime_for
 from tasks.picking import stratified
@@ -40,7 +40,7 @@ def run(job: Job) -> dict:
         table.to_parquet(out.path("coordinates.parquet"), index=False)
         np.save(out.path("features.npy"), features.astype(np.float32))
         for method, title in (("pca", "PCA"), ("tsne", "t-SNE")):
-            plots.save(plots.embedding_scatter(coords[method], table["label"].tolist(), classes,
+            base.save(evaluation.embedding_scatter(coords[method], table["label"].tolist(), classes,
                                                f"{title} of penultimate features ({features.shape[1]}-d), train + val"),
                        out.path(f"{method}.png"))
         for name, file in (("coordinates", "coordinates.parquet"), ("features", "features.npy"), ("pca", "pca.png"),

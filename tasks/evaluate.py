@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
-from tasks import plots
+from tasks.plots import base, evaluation
 from tasks.arrays import open_decoded, rows_of
 from tasks.inference import load_trained, predict, runtime_for
 from tasks.labels import decade_values
@@ -62,7 +62,7 @@ def run(job: Job) -> dict:
         out.add("metrics", "metrics.json")
         for split, m in metrics.items():
             name = f"confusion_{split}.png"
-            plots.save(plots.confusion_heatmap(np.array(m["confusion"]), classes, f"{split} confusion (per actual)"),
+            base.save(evaluation.confusion_heatmap(np.array(m["confusion"]), classes, f"{split} confusion (per actual)"),
                        out.path(name))
             out.add(f"confusion_{split}", name)
         summary = {split: {k: m[k] for k in ("images", "accuracy", "macro_f1", "mae_decades")} for split, m in metrics.items()}

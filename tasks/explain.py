@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from tasks import plots
+from tasks.plots import base, explanations
 from tasks.arrays import open_decoded
 from tasks.attribution import cam_layer_of, cam_maps, guided_backprop, guided_grad_cam
 from tasks.errors import DataError
@@ -118,10 +118,10 @@ def run(job: Job) -> dict:
             k = sum(1 for a in actual[:i] if a == actual[i])
             image = np.asarray(array[row])
             title = f"{index.loc[row, 'path']} · actual {actual[i]} · predicted {predicted[i]} (p={trained['probs'][i].max():.2f})"
-            plots.save(plots.explanation_strip(image, maps[methods[0]][i], maps["guided_backprop"][i].transpose(1, 2, 0),
+            base.save(explanations.explanation_strip(image, maps[methods[0]][i], maps["guided_backprop"][i].transpose(1, 2, 0),
                                                maps["guided_grad_cam"][i].transpose(1, 2, 0), f"{title} · {cam_layer}"),
                        out.path(f"explain/{actual[i]}/strip_{k}.png"), dpi=90)
-            plots.save(plots.image_row([(image, "original")] + [(plots.overlay(image, maps[m][i]), m) for m in methods],
+            base.save(base.image_row([(image, "original")] + [(base.overlay(image, maps[m][i]), m) for m in methods],
                                        f"{title} · CAM methods on {cam_layer}"),
                        out.path(f"explain/{actual[i]}/cams_{k}.png"), dpi=80)
             np.savez_compressed(out.path(f"explain/{actual[i]}/maps_{k}.npz"), image=image, target=trained["targets"][i],
@@ -131,7 +131,7 @@ def run(job: Job) -> dict:
         faith_images.to_csv(out.path("faithfulness_per_image.csv"), index=False)
         faith_table.to_csv(out.path("faithfulness.csv"), index=False)
         means = {curve: {m: c[curve].mean(0) for m, c in faithful.items()} for curve in ("deletion", "insertion")}
-        plots.save(plots.curve_panels(means, "share of pixels removed / inserted (most salient first)",
+        base.save(explanations.curve_panels(means, "share of pixels removed / inserted (most salient first)",
                                       "probability of the explained class",
                                       "Faithfulness: deletion (lower is better), insertion (higher is better)"),
                    out.path("faithfulness.png"))
@@ -149,7 +149,7 @@ def run(job: Job) -> dict:
                 mean="mean", undefined=lambda r: int(r.isna().sum())).reset_index()
             overview.to_csv(out.path("randomisation.csv"), index=False)
             lines = {m: g["mean"].to_numpy() for m, g in overview.groupby("method", sort=False)}
-            plots.save(plots.curve_panels({"cascading randomisation": lines}, "layers re-initialised (top down, cumulative)",
+            base.save(explanations.curve_panels({"cascading randomisation": lines}, "layers re-initialised (top down, cumulative)",
                                           "Spearman rank correlation with the trained model's map",
                                           "Model randomisation test (near 1 = the map ignores the model)",
                                           xticks=list(dict.fromkeys(overview["reinitialised"]))),

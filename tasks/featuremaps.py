@@ -7,7 +7,7 @@ from contextlib import ExitStack
 import numpy as np
 import torch
 
-from tasks import plots
+from tasks.plots import base, explanations
 from tasks.arrays import open_decoded
 from tasks.attribution import as_nchw, capture, feature_layers_of, layout, resolve_layer
 from tasks.inference import load_trained, model_input, runtime_for
@@ -41,7 +41,7 @@ def run(job: Job) -> dict:
                 for k, row in enumerate(rows):
                     name = f"feature_maps/{label}/{spec}/feature_map_{k}.png"
                     title = f"{label} · {spec} · {index.loc[row, 'path']} (first {min(channels, maps.shape[1])} channels)"
-                    plots.save(plots.channel_grid(maps[k, :channels], title), out.path(name), dpi=80)
+                    base.save(explanations.channel_grid(maps[k, :channels], title), out.path(name), dpi=80)
                     files.append(name)
         out.add("feature_maps", "feature_maps")
         log.info("drew %d feature-map grids for layers %s", len(files), ", ".join(layers))

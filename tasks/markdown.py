@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import html
+import io
 import re
 from pathlib import Path
 
@@ -32,8 +33,20 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def image(path: str | Path, alt: str, max_width: int = 480) -> str:
-    from tasks.plots import png_bytes
+def png_bytes(path: str | Path, max_width: int = 640) -> bytes:
+    """A PNG downscaled to at most `max_width` pixels wide (for embedding in reports)."""
+    from PIL import Image
 
+    with Image.open(path) as image:
+        image = image.convert("RGB")
+        if image.width > max_width:
+            image = image.resize((max_width, round(image.height * max_width / image.width)), Image.LANCZOS)
+        buffer = io.BytesIO()
+        # A 128-colour palette keeps plots legible at a fraction of the size.
+        image.quantize(colors=128, method=Image.Quantize.MEDIANCUT).save(buffer, format="PNG", optimize=True)
+    return buffer.getvalue()
+
+
+def image(path: str | Path, alt: str, max_width: int = 480) -> str:
     data = base64.b64encode(png_bytes(path, max_width)).decode()
     return f"![{escape(alt)}](data:image/png;base64,{data})"

@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import json
 
-from tasks.artifacts import class_report_rows, split_rows
+from tasks.tables import class_report_rows, decades, split_rows
 from tasks.markdown import escape, image, table
 from tasks.stage import Job, output_path
 
 SECTIONS = ("split", "train", "evaluate", "embed", "featuremaps", "attention", "explain")
-
-
-def _decades(value) -> str:
-    return "n/a (labels are not decades)" if value is None else f"{value:.3f}"
 
 
 def study_report(job: Job) -> str:
@@ -29,7 +25,7 @@ def study_report(job: Job) -> str:
         f"{train['best_epoch']}, lowest val loss), trained on {train['train_images']} images. "
         f"Drawn per class: {drawn}; split by {escape(split['split_by'])}.",
         f"Validation: accuracy **{val['accuracy']:.3f}**, macro-F1 **{val['macro_f1']:.3f}**, "
-        f"MAE **{_decades(val['mae_decades'])}** decades. Identities shared between splits: "
+        f"MAE **{decades(val['mae_decades'])}** decades. Identities shared between splits: "
         f"{split['shared_identities']}.",
         "## Data", table(split_rows(split)),
         "## Training curves", image(job.path("train", "curves"), "loss and accuracy curves", 640),

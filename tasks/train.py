@@ -21,11 +21,12 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from tasks import plots
+from tasks.plots import base, training
 from tasks.arrays import batch_rows, batches, open_decoded, rows_of
 from tasks.errors import DataError
 from tasks.inference import Runtime, normalise, predict, prepare, to_float
 from tasks.models import build_model
+from tasks.progress import TRAINING, Progress
 from tasks.stage import Job, logger, write_json
 
 BRIGHTNESS = CONTRAST = 0.2  # the reference's ColorJitter(0.2, 0.2)
@@ -151,10 +152,8 @@ class TrainingProgress:
     """The Prefect progress artifact, updated after every epoch."""
 
     def __init__(self, epochs: int):
-        from tasks.artifacts import Progress
-
         self.epochs = epochs
-        self.artifact = Progress("training_progress", f"Training progress ({epochs} epochs)", epochs, every=0)
+        self.artifact = Progress(TRAINING, f"Training progress ({epochs} epochs)", epochs, every=0)
 
     def __call__(self, epoch: int, row: dict) -> None:
         self.artifact(epoch, f"epoch {epoch}/{self.epochs}: val loss {row['val_loss']:.4f}, val acc {row['val_acc']:.3f}")
@@ -189,7 +188,7 @@ def run(job: Job) -> dict:
         save_file({k: v.contiguous() for k, v in result["best_state"].items()}, out.path("model.safetensors"))
         pd.DataFrame(result["history"]).to_csv(out.path("history.csv"), index=False)
         pd.DataFrame(result["timings"]).to_csv(out.path("timings.csv"), index=False)
-        plots.save(plots.training_curves(result["history"]), out.path("curves.png"))
+        base.save(training.training_curves(result["history"]), out.path("curves.png"))
         write_json(out.path("config.json"), {**settings, "weights": weights, "classes": classes,
                                              "image_size": image_size, "device": str(runtime.device),
                                              "bf16": runtime.bf16, "channels_last_runtime": runtime.channels_last})

@@ -126,6 +126,18 @@ def test_bad_options_give_one_line_and_exit_2(argv, message, capsys):
     assert len(err) == 1 and err[0].startswith("agelens: error: ") and message in err[0], err
 
 
+def test_list_options_take_commas_and_presets_yield_to_explicit_options():
+    from flows.cli import build_parser, settings_from
+
+    parser = build_parser()
+    args = parser.parse_args(["run", "--cam-methods", "grad_cam, layer_cam", "--preset", "demo", "--epochs", "3",
+                              "--per-class", "all", "--no-sanity-check"])
+    settings = settings_from(args, parser)
+    assert settings.cam_methods == ["grad_cam", "layer_cam"] and settings.per_class == "all"
+    assert (settings.backbone, settings.image_size, settings.epochs) == ("convnext_narrow", 64, 3)
+    assert settings.sanity_check is False
+
+
 def test_missing_data_file_is_one_clear_error(prefect_backend, tmp_path, capsys):
     code = main(["run", "--data", str(tmp_path / "nope.mat"), "--out", str(tmp_path / "o"), "--until", "split"])
     assert code == 1

@@ -165,7 +165,7 @@ def test_corrupt_image_is_excluded_when_first_decoded(prefect_backend, small_cac
 
 def test_every_run_publishes_its_report_and_tables_even_when_cached(run):
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
     run(until="report")
     result = run(until="report")  # every stage cached

@@ -56,6 +56,10 @@ def _copy_package(tmp_path: Path) -> Path:
     ("markdown", "def escape", {"report"}),
     ("sources", "def list_images", {"extract"}),
     ("labels", "def decade_values", {"extract", "evaluate"}),
+    # Publishing and the learning curve over runs belong to the flow: no stage reruns for them.
+    ("artifacts", "def publish_run", set()),
+    ("plots/runs", "def learning_curve", set()),
+    ("plots/training", "def training_curves", {"train"}),
 ])
 def test_a_helper_edit_changes_exactly_the_stages_that_import_it(tmp_path, module, helper, dependents):
     """Code versions are computed from imports, transitively: edit a helper in a copy of the
