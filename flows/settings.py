@@ -77,7 +77,8 @@ class RunSettings(BaseModel):
     explain_classes: list[str] = Field(["10s", "60s"], description="classes whose val images are explained")
     explain_images: int = Field(2, ge=1, description="val images explained per class")
     sanity_check: bool = Field(True, description="cascading model randomisation and the random-logit test")
-    faithfulness_steps: int = Field(8, ge=2, description="steps of the deletion and insertion curves")
+    faithfulness_steps: int = Field(3, ge=2, description="steps of the deletion and insertion curves (each step "
+                                                         "costs a forward pass per image, method and curve)")
     attention_images: int = Field(100, ge=1, description="val images per class in the mean Grad-CAM per decade")
 
     @model_validator(mode="before")

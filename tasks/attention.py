@@ -20,7 +20,8 @@ def mean_maps(model, array: np.ndarray, picked: dict[str, np.ndarray], cam_layer
     for label, rows in picked.items():
         heat, face = 0.0, 0.0
         for _, batch in batches(array, batch_rows(rows, batch_size), runtime.device):
-            maps, _, _ = cam_maps(model, model_input(batch, runtime), cam_layer, ["grad_cam"])
+            with runtime.autocast():  # the precision the model was trained in
+                maps, _, _ = cam_maps(model, model_input(batch, runtime), cam_layer, ["grad_cam"])
             heat = heat + maps["grad_cam"].sum(0).cpu().numpy()
             face = face + batch.float().sum(0).cpu().numpy()
         heats[label] = heat / len(rows)
@@ -32,7 +33,7 @@ def run(job: Job) -> dict:
     log = logger()
     settings = job.settings
     index, array = open_decoded(job)
-    runtime = runtime_for(job).exact()
+    runtime = runtime_for(job)
     model = load_trained(job, runtime)
     cam_layer = cam_layer_of(model, settings["cam_layer"])
     picked = first_per_class(index, "val", job.upstream["train"]["meta"]["classes"], settings["attention_images"])

@@ -26,11 +26,10 @@ def blurred(x: torch.Tensor) -> torch.Tensor:
 
 def ranks(saliency: np.ndarray) -> np.ndarray:
     """(N, H, W) -> each pixel's rank, 0 = most salient (ties in raster order)."""
-    n = len(saliency)
-    order = np.argsort(-saliency.reshape(n, -1), axis=1, kind="stable")
-    rank = np.empty_like(order)
-    np.put_along_axis(rank, order, np.arange(order.shape[1])[None].repeat(n, 0), axis=1)
-    return rank.reshape(saliency.shape)
+    flat = torch.from_numpy(np.ascontiguousarray(saliency.reshape(len(saliency), -1)))
+    order = torch.argsort(-flat, dim=1, stable=True)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(flat.shape[1]).expand_as(order).contiguous())
+    return rank.reshape(saliency.shape).numpy()
 
 
 @torch.no_grad()

@@ -12,8 +12,8 @@ from matplotlib.figure import Figure
 TEXT = {"parse_math": False}  # a '$' in a file name stays a '$'
 
 
-def save(fig: Figure, path: str | os.PathLike, dpi: int = 110) -> Path:
-    fig.savefig(path, dpi=dpi, bbox_inches="tight")
+def save(fig: Figure, path: str | os.PathLike, dpi: int = 110, tight: bool = True) -> Path:
+    fig.savefig(path, dpi=dpi, **({"bbox_inches": "tight"} if tight else {}))
     return Path(path)
 
 

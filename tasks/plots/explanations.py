@@ -48,3 +48,22 @@ def curve_panels(panels: dict[str, dict[str, np.ndarray]], xlabel: str, ylabel: 
 def class_grid(images: dict[str, np.ndarray], heats: dict[str, np.ndarray], counts: dict[str, int], title: str) -> Figure:
     """Per class: the mean image with the mean map over it."""
     return image_row([(overlay(images[c], heats[c]), f"{c} (n={counts[c]})") for c in heats], title, width=2.4)
+
+
+def method_grid(images: list[np.ndarray], maps: dict[str, np.ndarray], methods: list[str], captions: list[str],
+                title: str) -> Figure:
+    """One row per image: the image (captioned), then each method's map over it (named on top)."""
+    fig = Figure(figsize=(2.0 * (len(methods) + 1), 2.1 * len(images)))
+    axes = np.atleast_2d(fig.subplots(len(images), len(methods) + 1))
+    for i, image in enumerate(images):
+        axes[i, 0].imshow(image)
+        axes[i, 0].set_title(captions[i], fontsize=6, **TEXT)
+        for j, method in enumerate(methods, start=1):
+            axes[i, j].imshow(overlay(image, maps[method][i]))
+            if i == 0:
+                axes[i, j].set_title(method, fontsize=8, **TEXT)
+        for ax in axes[i]:
+            ax.axis("off")
+    fig.suptitle(title, fontsize=10, **TEXT)
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.35 / len(images), wspace=0.03, hspace=0.12)
+    return fig
