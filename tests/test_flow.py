@@ -214,3 +214,12 @@ def test_demo_data_is_made_once_and_never_over_a_users_folder(prefect_backend, t
     with pytest.raises(DataError, match="was not made by agelens"):
         age_pipeline(settings=RunSettings(out="c", until="extract"))
     assert (Path("data/demo") / "precious.txt").read_text() == "keep me"
+
+
+def test_prefect_ui_offers_every_setting_as_a_form_field():
+    schema = age_pipeline.parameters.model_dump()
+    assert list(schema["properties"]) == ["settings"]
+    fields = schema["definitions"]["RunSettings"]["properties"]
+    assert set(fields) == set(RunSettings.model_fields)
+    assert fields["cam_methods"]["items"]["enum"][-1] == "score_cam"
+    assert fields["split_by"]["enum"] == ["identity", "image"] and "description" in fields["per_class"]

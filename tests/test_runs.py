@@ -1,0 +1,61 @@
+"""The run table: what changed since the last run, learning-curve points, `agelens runs`."""
+
+import json
+
+import pytest
+
+from flows import runs
+from flows.cli import main
+from flows.preflight import writable_out
+from flows.settings import RunSettings
+from tasks.errors import ConfigError
+
+
+def row(run_id, per_class, accuracy, train_images, fingerprint="f1", **settings):
+    return {"run_id": run_id, "time": "2026-11-28T10:00:00+00:00", "fingerprint": fingerprint,
+            "settings": RunSettings(per_class=per_class, **settings).dump(),
+            "drawn": {"10s": per_class, "20s": per_class}, "train_images": train_images,
+            "val": {"accuracy": accuracy, "macro_f1": accuracy - 0.1, "mae_decades": 0.5}, "test": None,
+            "best_epoch": 3, "training_seconds": 12.0, "stages": {"train": run_id * 3}, "states": {"train": "Completed"}}
+
+
+def test_since_the_last_run_names_changed_settings_counts_and_metric_deltas():
+    before, now = row("aaaaaaaa1", 20, 0.50, 32), row("bbbbbbbb2", 40, 0.62, 64, fingerprint="f2")
+    lines = runs.since_last(before, now)
+    assert lines[0].startswith("Compared with run aaaaaaaa")
+    assert lines[1] == "- settings: per_class 20 → 40"
+    assert lines[2] == "- images drawn per class: 10s 20 → 40; 20s 20 → 40 (the data changed)"
+    assert lines[3] == "- val: accuracy 0.620 (+0.120), macro_f1 0.520 (+0.120), mae_decades 0.500 (+0.000)"
+    assert runs.since_last(None, now) == ["First recorded run in this output folder."]
+
+
+def test_learning_curve_points_come_from_runs_with_otherwise_equal_settings():
+    history = [row("a", 20, 0.5, 32), row("b", 40, 0.6, 64, fingerprint="f2"), row("c", 40, 0.6, 64, fingerprint="f2"),
+               row("d", 40, 0.9, 64, epochs=50), row("e", 80, 0.7, 128, device="cpu", fingerprint="f3")]
+    points = runs.learning_points(history[:-1], history[-1])
+    assert sorted((p["train_images"], p["val_accuracy"]) for p in points) == [(32, 0.5), (64, 0.6), (128, 0.7)]
+
+
+def test_runs_command_and_a_crash_cut_line(tmp_path, capsys):
+    out = tmp_path / "out"
+    runs.append_run(out, row("a1b2c3d4e5", 20, 0.5, 32))
+    runs.append_run(out, row("f6a7b8c9d0", 40, 0.625, 64))
+    with open(runs.table_path(out), "a") as handle:
+        handle.write('{"run_id": "cut sho')  # a run killed while appending
+    assert [r["run_id"] for r in runs.read_runs(out)] == ["a1b2c3d4e5", "f6a7b8c9d0"]
+    assert main(["runs", "--out", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:3] == ["run", "time", "data"] and lines[1].startswith("f6a7b8c9 ") and "0.625" in lines[1]
+    assert main(["runs", "--out", str(out), "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)) == 2
+
+
+def test_out_that_cannot_be_written_is_one_clear_error(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    def refuse(self, *args, **kwargs):
+        raise PermissionError(30, "Read-only file system")
+
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    with pytest.raises(ConfigError, match="cannot be written: Read-only file system"):
+        writable_out(str(tmp_path / "new"))
