@@ -29,17 +29,21 @@ from tasks.models import build_model
 ALL = [*GRADIENT_CAMS, "score_cam"]
 
 
-@pytest.fixture(scope="module")
-def convnext():
+def narrow_convnext(seed: int) -> nn.Module:
     """A narrow ConvNeXt whose residual branches matter, as after training (at initialisation
     their layer scale is 1e-6, so gradients would take the skip connections only)."""
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = build_model("convnext_narrow", 6).eval()
     with torch.no_grad():
         for module in model.modules():
             if hasattr(module, "layer_scale"):
                 module.layer_scale.fill_(0.5)
     return model
+
+
+@pytest.fixture(scope="module")
+def convnext():
+    return narrow_convnext(0)
 
 
 def small_family_models() -> dict[str, nn.Module]:
@@ -119,12 +123,7 @@ def test_each_family_is_explained_with_its_default_layer(name):
 def test_layout_comes_from_the_modules_even_when_the_shape_is_square():
     """convnext_narrow at 96 px: the LayerNorm inside a block of stage 1 outputs (N, 24, 24, 24)
     in (N, H, W, C) order: a shape cannot tell, the Permute before it does."""
-    torch.manual_seed(1)
-    model = build_model("convnext_narrow", 6).eval()
-    with torch.no_grad():
-        for module in model.modules():
-            if hasattr(module, "layer_scale"):
-                module.layer_scale.fill_(0.5)
+    model = narrow_convnext(1)
     spec = "features.1.0.block.2"
     assert [layout(model, f"features.1.0.block.{i}") for i in range(7)] == \
         ["nchw", "nhwc", "nhwc", "nhwc", "nhwc", "nhwc", "nchw"]
