@@ -133,18 +133,21 @@ def run_command(args, parser) -> int:
 
 
 def status_command(args, parser) -> int:
+    from pathlib import Path
+
     from flows import status
     from flows.inputs import DEMO_ROOT, Inputs, open_memo
-    from flows.preflight import writable_out
+    from tasks.hashing import HashMemo
 
     settings = settings_from(args, parser)
-    out = writable_out(settings.out)
+    out = Path(settings.out).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file, not a folder")
     data = settings.data or str(DEMO_ROOT.resolve() / "celebrity2000_meta.mat")
     if settings.data is None and not os.path.exists(data):
-        rows = [{"stage": s, "key": None, "cached": False, "reasons": ["the demo data will be generated first"]}
-                for s in ("extract",)]
-    else:
-        with open_memo(out) as memo:
+        rows = [{"stage": "extract", "key": None, "cached": False, "reasons": ["the demo data will be generated first"]}]
+    else:  # reads only: nothing is created where nothing ran yet
+        with open_memo(out) if out.is_dir() else HashMemo(None) as memo:
             rows = status.plan(settings, str(out), Inputs(data, settings.images, settings.weights_choice,
                                                           settings.backbone, memo))
     print(json.dumps(rows) if args.json else status.describe(rows, out))
