@@ -26,7 +26,7 @@ from flows.inputs import DEMO_ROOT, DEMO_STAMP, Inputs, demo_is_current, open_me
 from flows.locks import active_lock, locked, stage_lock
 from flows.settings import RunSettings
 from flows.status import plan
-from tasks.stage import Job, read_result
+from tasks.stage import Job, output_path, read_result
 
 
 def record_key(context, parameters: dict) -> str:
@@ -60,8 +60,10 @@ def make_demo_data(root: str, stamp: dict) -> dict:
 
 def demo_data() -> str:
     """The built-in demo's metadata file, generated into data/demo on first use."""
+    from tasks.demo import DemoSpec
+
     root = DEMO_ROOT.resolve()
-    stamp = {"spec": {"identities": 156, "images_per_identity": 10, "seed": 0}, "code": code_version("tasks.demo")}
+    stamp = {"spec": asdict(DemoSpec()), "code": code_version("tasks.demo")}
     if not demo_is_current(root, stamp):
         make_demo_data(str(root), stamp)
     return str(root / "celebrity2000_meta.mat")
@@ -127,10 +129,14 @@ def age_pipeline(settings: RunSettings = RunSettings()) -> dict:
         row = finish(settings, out, inputs, runner)
     log.info("stages: %s", runner.states)
     return {"settings": settings.dump(), "out": str(out), "run": row,
-            "stages": {name: {"state": runner.states[name], "key": result["key"], "summary": result["summary"],
-                              "outputs": {k: str(out / name / result["key"] / o["file"])
-                                          for k, o in result["outputs"].items()}}
-                       for name, result in runner.results.items()}}
+            "stages": {stage.name: described(out, runner.results[stage.name], runner.states[stage.name])
+                       for stage in selected(settings.until)}}
+
+
+def described(out: Path, result: dict, state: str) -> dict:
+    """A stage's result for people and --json: its state, key, summary and output files."""
+    return {"state": state, "key": result["key"], "summary": result["summary"],
+            "outputs": {name: str(output_path(out, result, name)) for name in result["outputs"]}}
 
 
 def finish(settings: RunSettings, out: Path, inputs: Inputs, runner: Runner) -> dict:

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import scipy.io
 from PIL import Image, ImageDraw, ImageFilter
 
 from tasks.errors import DataError
@@ -165,6 +164,8 @@ def metadata_structs(rows: list[dict]) -> dict:
 
 def write_demo(root: Path, spec: DemoSpec) -> dict:
     """Write `<root>/celebrity2000_meta.mat` and `<root>/CACD2000/*.jpg`; return counts."""
+    import scipy.io  # only where the demo is drawn: a cached run checks DemoSpec alone
+
     rows = plan_demo(spec)
     images_dir = root / "CACD2000"
     images_dir.mkdir(parents=True, exist_ok=True)
