@@ -16,6 +16,7 @@ from tasks.attribution import (
     cam_layer_of,
     cam_maps,
     check_layers,
+    feature_layers_of,
     guided_backprop,
     input_gradient,
     layout,
@@ -23,6 +24,7 @@ from tasks.attribution import (
 )
 from tasks.errors import DataError
 from tasks.explain import adjacent_classes, explain_batch
+from tasks.featuremaps import layer_outputs
 from tasks.inference import Runtime, model_input, penultimate_features
 from tasks.models import build_model
 
@@ -117,7 +119,10 @@ def test_each_family_is_explained_with_its_default_layer(name):
     features = penultimate_features(model, np.random.default_rng(0).integers(0, 255, (3, 64, 64, 3), dtype=np.uint8),
                                     np.arange(3), Runtime.resolve("cpu", "fp32", "off"), batch_size=2)
     assert features.shape[0] == 3 and features.ndim == 2
-    assert check_layers(model, [spec], 64) == []
+    layers = feature_layers_of(model, ["auto"])
+    assert check_layers(model, [spec, *layers], 64) == []
+    for layer, grid in layer_outputs(model, x, layers).items():  # the feature-map stage's view
+        assert grid.ndim == 4 and grid.shape[0] == 2 and min(grid.shape[2:]) >= 1, (layer, grid.shape)
 
 
 def test_layout_comes_from_the_modules_even_when_the_shape_is_square():
