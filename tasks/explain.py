@@ -155,7 +155,7 @@ def run(job: Job) -> dict:
             overview.to_csv(out.path("randomisation.csv"), index=False)
             lines = {m: g["mean"].to_numpy() for m, g in overview.groupby("method", sort=False)}
             base.save(explanations.curve_panels({"cascading randomisation": lines}, "layers re-initialised (top down, cumulative)",
-                                          "Spearman rank correlation with the trained model's map",
+                                          "Spearman correlation with the trained maps",
                                           "Model randomisation test (near 1 = the map ignores the model)",
                                           xticks=list(dict.fromkeys(overview["reinitialised"]))),
                        out.path("randomisation.png"))

@@ -29,7 +29,7 @@ def explanation_strip(image: np.ndarray, cam: np.ndarray, guided: np.ndarray, gu
 def curve_panels(panels: dict[str, dict[str, np.ndarray]], xlabel: str, ylabel: str, title: str,
                  xticks: list[str] | None = None) -> Figure:
     """One panel per key of `panels`, one line per method: {panel: {method: y values}}."""
-    fig = Figure(figsize=(5.2 * len(panels), 4))
+    fig = Figure(figsize=(max(7.5, 5.2 * len(panels)), 4.2))
     for ax, (panel, lines) in zip(np.atleast_1d(fig.subplots(1, len(panels))), panels.items()):
         for method, values in lines.items():
             x = np.arange(len(values)) if xticks else np.linspace(0, 1, len(values))
