@@ -149,8 +149,7 @@ def finish(settings: RunSettings, out: Path, inputs: Inputs, runner: Runner) -> 
     results = runner.results
     data = None
     if "split" in results:
-        data = runs.fingerprint({name: inputs.get(name, results, str(out)) for name in ("source", "listing", "images")},
-                                results["split"])
+        data = runs.fingerprint(inputs, results, out)
     previous = runs.read_runs(out)
     row = runs.make_row(str(flow_run.get_id() or "local"), settings, results, runner.states, data)
     runs.append_run(out, row)

@@ -33,11 +33,13 @@ def emitted_variable(settings) -> str:
     return f"agelens-emitted-{settings_digest(settings)}"
 
 
-def fingerprint(inputs: dict[str, dict], split: dict) -> str:
+def fingerprint(inputs, results: dict[str, dict], out: str | Path) -> str:
     """What the pipeline would train on: the metadata's content, the image listing, the drawn
-    sample (the split manifest) and the content of every drawn image."""
-    return sha256_json({"source": inputs["source"]["sha256"], "listing": inputs["listing"]["sha256"],
-                        "sample": split["outputs"]["manifest"]["sha256"], "images": inputs["images"]["sha256"]})[:32]
+    sample (the split manifest) and the content of every drawn image (`inputs`: flows.inputs.Inputs)."""
+    handles = {name: inputs.get(name, results, str(out)) for name in ("source", "listing", "images")}
+    return sha256_json({"source": handles["source"]["sha256"], "listing": handles["listing"]["sha256"],
+                        "sample": results["split"]["outputs"]["manifest"]["sha256"],
+                        "images": handles["images"]["sha256"]})[:32]
 
 
 def table_path(out: str | Path) -> Path:

@@ -70,8 +70,7 @@ def watch_data(settings: RunSettings = RunSettings(), pipeline: str = "age-pipel
         inputs = Inputs(settings.data or demo_data(), settings.images, settings.weights_choice, settings.backbone, memo)
         runner = Runner(settings, out, inputs)
         runner.run(selected("split"))
-        data = runs.fingerprint({name: inputs.get(name, runner.results, str(out)) for name in ("source", "listing", "images")},
-                                runner.results["split"])
+        data = runs.fingerprint(inputs, runner.results, out)
     drawn = runner.results["split"]["summary"]["per_class"]
     last = Variable.get(runs.state_variable(settings), default=None)
     report = {"fingerprint": data, "drawn": drawn, "previous": last, "emitted": False}
