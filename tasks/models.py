@@ -106,10 +106,6 @@ def convnext_narrow(**kwargs) -> nn.Module:
 LOCAL_MODELS = {"convnext_narrow": convnext_narrow}
 
 
-def known_backbones() -> list[str]:
-    return sorted([*LOCAL_MODELS, *torchvision.models.list_models(module=torchvision.models)])
-
-
 def _instantiate(backbone: str, image_size: int | None) -> nn.Module:
     if backbone in LOCAL_MODELS:
         return LOCAL_MODELS[backbone]()
