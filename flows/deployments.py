@@ -81,7 +81,7 @@ def settle(settings: RunSettings) -> RunSettings:
         inputs = Inputs(settled.data, settled.images, settled.weights_choice, settled.backbone, HashMemo(None))
         inputs.located  # noqa: B018 - raises a DataError naming a missing file or folder
         if settled.runs("train"):
-            inputs.weights()
+            inputs.weights  # noqa: B018 - raises a DataError naming missing weights
     return settled
 
 

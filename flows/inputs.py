@@ -41,15 +41,12 @@ class Inputs:
     def __init__(self, data: str, images: str | None, weights: str, backbone: str, memo: HashMemo):
         self.data, self.images_option, self.weights_choice, self.backbone = data, images, weights, backbone
         self.memo = memo
-        self._cache: dict[str, dict] = {}
 
     def get(self, name: str, upstream: dict[str, dict], out: str) -> dict:
-        if name not in self._cache:
-            if name == "images":
-                self._cache[name] = self.sampled_images(output_path(out, upstream["split"], "manifest"))
-            else:
-                self._cache[name] = {"source": self.source, "listing": self.listing, "weights": self.weights}[name]()
-        return self._cache[name]
+        """The handle of input `name` ("images" needs the split's result)."""
+        if name == "images":
+            return self.sampled_images(output_path(out, upstream["split"], "manifest"))
+        return getattr(self, name)
 
     @functools.cached_property
     def located(self) -> tuple[Path, str, Path]:
@@ -62,22 +59,25 @@ class Inputs:
             raise DataError(f"image folder not found: {root}{hint}")
         return source, fmt, root
 
+    @functools.cached_property
     def source(self) -> dict:
         source, fmt, root = self.located
         if fmt == "folders":  # the labels are the folder names: the listing is the metadata
-            return {"path": str(source), "format": fmt, "sha256": sha256_json([fmt, self.listing()["sha256"]])}
+            return {"path": str(source), "format": fmt, "sha256": sha256_json([fmt, self.listing["sha256"]])}
         try:
             digest = self.memo.file(source)
         except OSError as error:
             raise DataError(f"cannot read metadata {source}: {error.strerror}") from error
         return {"path": str(source), "format": fmt, "sha256": sha256_json([fmt, digest])}
 
+    @functools.cached_property
     def listing(self) -> dict:
         """Which image files exist: extract only needs names (contents are keyed by decode)."""
         _, _, root = self.located
         found = list_images(root)
         return {"path": str(root), "sha256": sha256_json([sorted(found.files), sorted(found.outside_root)])}
 
+    @functools.cache
     def sampled_images(self, manifest: Path) -> dict:
         """Content hash of every image the split drew (re-hashing only changed files)."""
         import pyarrow.parquet as pq
@@ -90,6 +90,7 @@ class Inputs:
             raise DataError(f"cannot read image {error.filename}: {error.strerror}") from error
         return {"path": str(root), "sha256": sha256_json(list(zip(paths, digests)))}
 
+    @functools.cached_property
     def weights(self) -> dict:
         """'none', 'imagenet' (torch's hub cache) or a local file; content-hashed."""
         if self.weights_choice == "none":

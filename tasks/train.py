@@ -21,11 +21,11 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from tasks.plots import base, training
 from tasks.arrays import batch_rows, batches, open_decoded, rows_of
 from tasks.errors import DataError
 from tasks.inference import Runtime, normalise, predict, prepare, to_float
 from tasks.models import build_model
+from tasks.plots import base, training
 from tasks.progress import TRAINING, Progress
 from tasks.stage import Job, logger, write_json
 
