@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.measure import machine, spread  # noqa: E402
-from flows.server import PrefectServer  # noqa: E402
+from tests.harness import PrefectServer  # noqa: E402
 
 BASELINE = '''
 import sys

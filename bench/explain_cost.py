@@ -37,13 +37,14 @@ from bench.train_throughput import ensure_images  # noqa: E402
 from flows.graph import BY_NAME  # noqa: E402
 from flows.settings import RunSettings  # noqa: E402
 from tasks import attention, explain  # noqa: E402
-from tasks.plots import base, explanations  # noqa: E402
-from tasks.attribution import cam_maps, guided_backprop, guided_grad_cam, resolve_layer  # noqa: E402
-from tasks.decode import decode_into  # noqa: E402
-from tasks.inference import Runtime, model_input  # noqa: E402
-from tasks.models import build_model, last_linear_name  # noqa: E402
-from tasks.randomisation import rank_correlation  # noqa: E402
-from tasks.stage import Job  # noqa: E402
+from tasks.reporting.plots import base, explanations  # noqa: E402
+from tasks.attribution.cams import cam_maps, guided_backprop, guided_grad_cam  # noqa: E402
+from tasks.attribution.layers import resolve_layer  # noqa: E402
+from tasks.data.decoding import decode_into  # noqa: E402
+from tasks.model.inference import Runtime, model_input  # noqa: E402
+from tasks.model.backbones import build_model, last_linear_name  # noqa: E402
+from tasks.attribution.randomisation import rank_correlation  # noqa: E402
+from tasks.core.stage import Job  # noqa: E402
 
 CLASSES = ["10s", "20s", "30s", "40s", "50s", "60s"]
 
@@ -67,7 +68,7 @@ def before(model_path: Path, backbone: str, image_size: int, array: np.ndarray, 
     maps, targets = maps_of(model)
     for i, row in enumerate(rows):
         image = np.asarray(array[row])
-        base.save(explanations.explanation_strip(image, maps["grad_cam"][i], maps["guided_backprop"][i].transpose(1, 2, 0),
+        base.save(explanations.explanation_strip(image, maps["grad_cam"][i], "grad_cam", maps["guided_backprop"][i].transpose(1, 2, 0),
                                            maps["guided_grad_cam"][i].transpose(1, 2, 0), "title"),
                    folder / f"strip_{i}.png", dpi=90)
         np.savez_compressed(folder / f"maps_{i}.npz", image=image, **{m: v[i] for m, v in maps.items()})
@@ -87,7 +88,8 @@ def before(model_path: Path, backbone: str, image_size: int, array: np.ndarray, 
 def stage_job(stage: str, out: Path, upstream: dict, settings: RunSettings) -> Job:
     values = settings.dump()
     spec = BY_NAME[stage]
-    return Job(stage=stage, key=uuid.uuid4().hex[:24], out=str(out), upstream=upstream,
+    facts = {k: v for result in upstream.values() for k, v in result["meta"].items()}
+    return Job(stage=stage, key=uuid.uuid4().hex[:24], out=str(out), upstream=upstream, context=facts,
                settings={name: values[name] for name in (*spec.reads, *spec.uses)})
 
 

@@ -1,29 +1,36 @@
 """`agelens`: run the study, ask what a run would do, inspect and clean the output folder,
 deploy it. The run options are RunSettings' fields (`--per-class` sets `per_class`).
 
-Every expected error is one line on stderr, `agelens: error: ...`, exit code 2 for a bad
-option and 1 otherwise; `--debug` shows the traceback. Prefect and torch are imported only by
-the commands that need them, so `agelens status` answers in about a second.
+Every expected error is one line on stderr, `agelens: error: ...` (and, with --json, a JSON
+object on stdout), exit code 2 for a bad option and 1 otherwise; `--debug` shows the traceback.
+What can be checked is checked before a Prefect server is started or contacted. Prefect and
+torch are imported only by the commands that need them, so `agelens status` answers in about a
+second. Ctrl-C or SIGTERM stops a run within seconds (flows/interrupt.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
+import time
 import types
 import typing
+from contextlib import contextmanager
 
 from flows.settings import RunSettings, option, parse_settings
-from tasks.errors import AgelensError, ConfigError
+from tasks.core.errors import AgelensError, ConfigError
 
 
 class OneLineParser(argparse.ArgumentParser):
     """argparse, but a bad option is one line (`agelens: error: ...`), not the whole usage."""
 
+    wants_json = False
+
     def error(self, message: str):
+        if OneLineParser.wants_json:
+            print(json.dumps({"error": message, "kind": "ConfigError", "exit_code": 2}))
         self.exit(2, f"agelens: error: {message} (see agelens {self.prog.split()[-1]} --help)\n")
 
 
@@ -77,93 +84,179 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def quiet_expected_errors() -> None:
-    """Drop Prefect's console logs of errors the CLI reports in one line (the API keeps them)."""
-    from prefect.logging.handlers import PrefectConsoleHandler
-
-    def keep(record: logging.LogRecord) -> bool:
-        error = record.exc_info[1] if record.exc_info else None
-        if isinstance(error, AgelensError):
-            return False
-        text = record.getMessage()
-        return not any(f"{cls.__name__}:" in text or f"{cls.__name__}(" in text
-                       for cls in (AgelensError, *AgelensError.__subclasses__()))
-
-    for logger in (logging.getLogger(), logging.getLogger("prefect")):
-        for handler in logger.handlers:
-            if isinstance(handler, PrefectConsoleHandler):
-                handler.addFilter(keep)
-
-
-def settings_from(args: argparse.Namespace, parser) -> RunSettings:
+def settings_from(args: argparse.Namespace) -> RunSettings:
     given = {name: getattr(args, name) for name in RunSettings.model_fields if getattr(args, name, None) is not None}
-    try:
-        return parse_settings(given)
-    except ConfigError as error:
-        parser.exit(2, f"agelens: error: {error}\n")
+    return parse_settings(given)
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    OneLineParser.wants_json = "--json" in argv
     parser = build_parser()
     args = parser.parse_args(argv)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # telemetry needs a network
+    if args.debug:
+        os.environ["AGELENS_DEBUG"] = "1"  # the flow then keeps Prefect's tracebacks too
     try:
-        return COMMANDS[args.command](args, parser)
+        return COMMANDS[args.command](args)
     except AgelensError as error:
         if args.debug:
             raise
-        print(f"agelens: error: {error}", file=sys.stderr)
-        return 2 if isinstance(error, ConfigError) else 1
+        return failed(args, error)
+    except BrokenPipeError:  # `agelens runs | head -1`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except Exception as error:
+        unreachable = unreachable_server(error)
+        if unreachable is None or args.debug:
+            raise
+        return failed(args, unreachable)
 
 
-def run_command(args, parser) -> int:
-    settings = settings_from(args, parser)
+def failed(args, error: AgelensError) -> int:
+    code = 2 if isinstance(error, ConfigError) else 1
+    if getattr(args, "json", False):
+        print(json.dumps({"error": str(error), "kind": type(error).__name__, "exit_code": code}))
+    print(f"agelens: error: {error}", file=sys.stderr)
+    return code
+
+
+def unreachable_server(error: BaseException) -> AgelensError | None:
+    """One line for a Prefect server that cannot be reached, wherever it surfaced."""
+    import httpx
+
+    while error is not None:
+        if isinstance(error, httpx.TransportError):
+            url = getattr(getattr(error, "request", None), "url", None) if _has_request(error) else None
+            where = f"{url.scheme}://{url.host}:{url.port}" if url else "the configured address"
+            return AgelensError(f"cannot reach the Prefect server at {where} ({type(error).__name__}: {error}); "
+                                "is it running, and is PREFECT_API_URL right?")
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _has_request(error) -> bool:
+    try:
+        error.request  # noqa: B018 - httpx raises RuntimeError when the error has no request
+        return True
+    except RuntimeError:
+        return False
+
+
+@contextmanager
+def prefect_api():
+    """The Prefect API this command uses: the configured server (checked to answer), or the
+    shared local one (flows/localserver.py), for as long as the block runs."""
+    from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
+
+    url = get_current_settings().api.url
+    if url:
+        check_reachable(url)
+        yield url
+        return
+    from flows.localserver import shared_server
+
+    with shared_server() as local, temporary_settings(updates={PREFECT_API_URL: local}):
+        yield local
+
+
+def check_reachable(url: str) -> None:
+    import httpx
+
+    try:
+        httpx.get(f"{url.rstrip('/')}/health", timeout=10).raise_for_status()
+    except httpx.HTTPError as error:
+        raise ConfigError(f"cannot reach the Prefect server at {url} (PREFECT_API_URL): "
+                          f"{type(error).__name__}: {error}") from None
+
+
+def precheck(settings: RunSettings) -> None:
+    """What can be checked without Prefect: the output folder, the data, the model settings and
+    the weights (the flow checks again: deployments reach it directly)."""
+    from flows import preflight
+    from flows.demo import DEMO_ROOT, demo_is_current, demo_stamp
+    from flows.graph import selected
+    from flows.inputs import Inputs, open_memo
+
+    out = preflight.writable_out(settings.out)
+    if settings.uses_demo and not demo_is_current(DEMO_ROOT, demo_stamp()):
+        preflight.check_model_settings(settings, {s.name for s in selected(settings.until)})
+        return
+    with open_memo(out) as memo:
+        preflight.check_run(settings, out, Inputs.of(settings, memo, make_demo=False))
+
+
+def run_command(args) -> int:
+    settings = settings_from(args)
     if args.dask_address and args.task_runner != "dask":
-        parser.exit(2, "agelens: error: --dask-address needs --task-runner dask\n")
+        raise ConfigError("--dask-address needs --task-runner dask")
+    began = time.time()
+    precheck(settings)
     from prefect.logging.configuration import setup_logging
 
     from flows.age_pipeline import with_task_runner
+    from flows.interrupt import cancel_flow_run, resume_hint, run_interruptibly, stop_children
 
     setup_logging()
     if not args.debug:
-        quiet_expected_errors()
-    result = with_task_runner(args.task_runner, args.dask_address)(settings=settings)
+        from flows.logs import quiet_expected_errors
+
+        quiet_expected_errors(cli=True)
+    started: dict = {}
+    flow = with_task_runner(args.task_runner, args.dask_address).with_options(
+        on_running=[lambda flow, run, state: started.update(id=run.id)])
+
+    def on_interrupt(signum: int) -> None:
+        hint = resume_hint(settings.out, began)
+        print(f"\nagelens: interrupted; {hint}", file=sys.stderr, flush=True)
+        if args.json:
+            print(json.dumps({"error": f"interrupted; {hint}", "kind": "Interrupted", "exit_code": 128 + signum}),
+                  flush=True)
+        if "id" in started:
+            cancel_flow_run(started["id"], f"interrupted by the user; {hint}")
+        stop_children()
+
+    with prefect_api():
+        result = run_interruptibly(lambda: flow(settings=settings), on_interrupt)
     print(json.dumps(result, default=str) if args.json else describe(result))
     return 0
 
 
-def status_command(args, parser) -> int:
+def status_command(args) -> int:
     from pathlib import Path
 
     from flows import status
-    from flows.inputs import DEMO_ROOT, Inputs, open_memo
-    from tasks.hashing import HashMemo
+    from flows.inputs import Inputs, open_memo
+    from tasks.core.errors import DataError
+    from tasks.core.hashing import HashMemo
 
-    settings = settings_from(args, parser)
+    settings = settings_from(args)
     out = Path(settings.out).expanduser().resolve()
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file, not a folder")
-    data = settings.data or str(DEMO_ROOT.resolve() / "celebrity2000_meta.mat")
-    if settings.data is None and not os.path.exists(data):
+    inputs_of = lambda memo: Inputs.of(settings, memo, make_demo=False)  # noqa: E731
+    if settings.uses_demo and not Path(inputs_of(HashMemo(None)).data).exists():
         rows = [{"stage": "extract", "key": None, "cached": False, "reasons": ["the demo data will be generated first"]}]
     else:  # reads only: nothing is created where nothing ran yet
         with open_memo(out) if out.is_dir() else HashMemo(None) as memo:
-            rows = status.plan(settings, str(out), Inputs(data, settings.images, settings.weights_choice,
-                                                          settings.backbone, memo))
+            rows = status.plan(settings, str(out), inputs_of(memo), hash_file=memo.file)
     print(json.dumps(rows) if args.json else status.describe(rows, out))
+    errors = [row["error"] for row in rows if "error" in row]
+    if errors:
+        raise DataError(errors[0])
     return 0
 
 
-def gc_command(args, parser) -> int:
+def gc_command(args) -> int:
     from flows import gc
 
     if args.keep_last < 0:
-        parser.exit(2, "agelens: error: --keep-last must be at least 0\n")
+        raise ConfigError("--keep-last must be at least 0")
     print(gc.describe(gc.collect(args.out, args.keep_last, args.dry_run)))
     return 0
 
 
-def runs_command(args, parser) -> int:
+def runs_command(args) -> int:
     from flows import runs
 
     rows = runs.read_runs(args.out)
@@ -184,20 +277,30 @@ def _text(value) -> str:
     return f"{value:.3f}" if isinstance(value, float) else ("" if value is None else str(value))
 
 
-def deploy_command(args, parser) -> int:
+def deploy_command(args) -> int:
+    from prefect.settings import get_current_settings
+
+    settings = settings_from(args)
+    url = get_current_settings().api.url
+    if not url:
+        raise ConfigError("agelens deploy needs a running Prefect server: start one (prefect server start) and set "
+                          "PREFECT_API_URL, e.g. http://127.0.0.1:4200/api")
+    check_reachable(url)
     from flows.deployments import deploy
 
-    names = deploy(settings_from(args, parser), args.name, args.pool)
-    print("deployed " + " and ".join(names) + f" to work pool {args.pool}; start a worker with:\n"
+    names = deploy(settings, args.name, args.pool)
+    print("deployed " + " and ".join(names) + f" to work pool {args.pool} on {url}; start a worker with:\n"
           f"  prefect worker start --pool {args.pool}")
     return 0
 
 
-def serve_command(args, parser) -> int:
+def serve_command(args) -> int:
     from flows.deployments import serve_all
 
     given = any(getattr(args, name) is not None for name in RunSettings.model_fields)
-    serve_all(settings_from(args, parser) if given else None)
+    settings = settings_from(args) if given else None
+    with prefect_api():
+        serve_all(settings)
     return 0
 
 
@@ -207,28 +310,11 @@ COMMANDS = {"run": run_command, "status": status_command, "gc": gc_command, "run
 
 def describe(result: dict) -> str:
     """One line per stage: state and the few numbers a person looks at first."""
-    lines = []
-    for name, stage in result["stages"].items():
-        s = stage["summary"]
-        facts = {
-            "extract": lambda: f"kept {s['rows_out']} of {s['rows_in']} rows, dropped "
-                               f"{ {k: v for k, v in s['dropped'].items() if v} or 'none'}",
-            "split": lambda: f"drawn {sum(s['per_class'].values())} "
-                             f"({ {k: sum(v.values()) for k, v in s['per_class_per_split'].items()} }), "
-                             f"shared identities {s['shared_identities']}",
-            "decode": lambda: f"{s['images']} images at {s['image_size']} px, {s['undecodable']} undecodable",
-            "train": lambda: f"kept epoch {s['best_epoch']} of {s['epochs']} (val loss {s['best_val_loss']:.3f}, "
-                             f"acc {s['best_val_acc']:.3f})",
-            "evaluate": lambda: ", ".join(f"{k} acc {v['accuracy']:.3f} macro-F1 {v['macro_f1']:.3f}"
-                                          for k, v in s.items() if isinstance(v, dict)),
-            "embed": lambda: f"{s['images']} feature vectors of dimension {s['feature_dim']}",
-            "featuremaps": lambda: f"{s['files']} grids of layers {', '.join(s['layers'])}",
-            "attention": lambda: f"mean Grad-CAM on {s['cam_layer']} per class",
-            "explain": lambda: f"{s['images']} images, methods {', '.join(s['methods'])}",
-            "report": lambda: f"{s['images']} plots embedded",
-        }.get(name, lambda: "")
-        lines.append(f"{name:<12} {stage['state']:<10} {facts()}")
-    lines.append(f"outputs under {result['out']}" + (" (see the run report)" if "report" in result["stages"] else ""))
+    from flows.graph import BY_NAME
+
+    lines = [f"{name:<12} {stage['state']:<10} {BY_NAME[name].describe(stage['summary'])}".rstrip()
+             for name, stage in result["stages"].items()]
+    lines.append(f"outputs under {result['out']}; report: {result['run']['report']}")
     return "\n".join(lines)
 
 

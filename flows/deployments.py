@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 from flows.settings import RunSettings
-from tasks.errors import ConfigError
+from tasks.core.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 PREFECT_YAML = REPO / "prefect.yaml"
@@ -70,7 +70,7 @@ def settle(settings: RunSettings) -> RunSettings:
     """Settings for a deployment: paths absolute (a worker runs elsewhere), the data readable
     and the weights on disk now, rather than an error at 03:00."""
     from flows.inputs import Inputs
-    from tasks.hashing import HashMemo
+    from tasks.core.hashing import HashMemo
 
     def absolute(path: str | None) -> str | None:
         return str(Path(path).expanduser().resolve()) if path else path
@@ -78,7 +78,7 @@ def settle(settings: RunSettings) -> RunSettings:
     settled = settings.model_copy(update={"data": absolute(settings.data), "images": absolute(settings.images),
                                           "out": absolute(settings.out)})
     if settled.data is not None:
-        inputs = Inputs(settled.data, settled.images, settled.weights_choice, settled.backbone, HashMemo(None))
+        inputs = Inputs.of(settled, HashMemo(None))
         inputs.located  # noqa: B018 - raises a DataError naming a missing file or folder
         if settled.runs("train"):
             inputs.weights  # noqa: B018 - raises a DataError naming missing weights

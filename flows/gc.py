@@ -16,7 +16,7 @@ from pathlib import Path
 from flows.graph import STAGE_NAMES
 from flows.locks import Busy, active_lock, locked
 from flows.runs import read_runs
-from tasks.errors import AgelensError
+from tasks.core.errors import AgelensError
 
 PREFECT_RECORD = re.compile(r"^[0-9a-f]{32}$")
 
@@ -29,7 +29,8 @@ def _size(path: Path) -> int:
 
 def candidates(out: Path, keep_last: int) -> tuple[list[Path], int]:
     """(paths to remove, number of runs whose folders are kept)."""
-    rows = read_runs(out)[-keep_last:] if keep_last > 0 else []
+    recorded = read_runs(out)
+    rows = recorded[-keep_last:] if keep_last > 0 else []
     keep = {(stage, key) for row in rows for stage, key in row.get("stages", {}).items()}
     doomed = []
     for stage in STAGE_NAMES:
@@ -41,7 +42,7 @@ def candidates(out: Path, keep_last: int) -> tuple[list[Path], int]:
             leftover = ".tmp-" in entry.name
             if leftover or (stage, key) not in keep:
                 doomed.append(entry)
-    if not rows:  # nothing recorded: keep stage folders, remove only leftovers
+    if not recorded:  # nothing recorded (an older folder?): keep stage folders, remove only leftovers
         doomed = [p for p in doomed if ".tmp-" in p.name]
     doomed += [p for p in out.iterdir() if p.is_file() and PREFECT_RECORD.match(p.name)]
     return sorted(doomed), len(rows)
@@ -63,6 +64,11 @@ def collect(out: str | Path, keep_last: int = 5, dry_run: bool = False) -> dict:
                         path.unlink(missing_ok=True)
     except Busy:
         raise AgelensError(f"a run is using {out}; gc removes nothing while runs are active (try again later)") from None
+    except OSError as error:  # the lock cannot even be created: a read-only folder
+        if not dry_run:
+            raise AgelensError(f"--out {out} cannot be written ({error.strerror or error}): gc removes nothing") from None
+        doomed, kept_runs = candidates(out, keep_last)
+        sizes = {p: _size(p) for p in doomed}
     return {"out": str(out), "kept_runs": kept_runs, "dry_run": dry_run, "removed": [str(p) for p in doomed],
             "bytes": sum(sizes.values())}
 

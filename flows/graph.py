@@ -1,8 +1,12 @@
-"""The stage graph, declared once as data: what each stage needs and reads.
+"""The stage graph: the stage modules in order. Each declares itself (`STAGE` in
+tasks/<name>.py: what it needs, the settings it reads, its inputs and outputs, its summary), so
+adding a stage is one module and one line here.
 
-The flow walks it, `--until` slices it, `agelens status` computes its keys without running
-anything, and the report and the CLI summary iterate over it. A stage's key hashes
-  * its code: its module `tasks.<name>` and every project module that imports, transitively;
+The flow walks the graph, `--until` slices it, `agelens status` computes its keys without
+running anything, and the CLI summary, preflight, the report and the run table read the
+declarations. A stage's key hashes
+  * its code: its module and every project module that imports, transitively
+    (flows/codeversion.py);
   * the settings it `reads` (by name; `uses` are settings that do not change its results);
   * the content digests of the stages it `needs`, and of its external `inputs` (data files).
 Never paths, timings, devices or the run id.
@@ -10,42 +14,41 @@ Never paths, timings, devices or the run id.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
 
 from flows.codeversion import ROOT, code_version
-from tasks.hashing import sha256_json
+from tasks.core.hashing import sha256_json
+from tasks.core.stage import EARLIER, Stage, spec
 
-
-@dataclass(frozen=True)
-class Stage:
-    name: str
-    needs: tuple[str, ...] = ()
-    reads: tuple[str, ...] = ()
-    uses: tuple[str, ...] = ()
-    inputs: tuple[str, ...] = ()
-
-    @property
-    def module(self) -> str:
-        return f"tasks.{self.name}"
-
-
-_MODEL = ("device", "eval_batch_size")
-STAGES: tuple[Stage, ...] = (
-    Stage("extract", inputs=("source", "listing")),
-    Stage("split", needs=("extract",), reads=("per_class", "seed", "split_by", "val_frac", "test_frac")),
-    Stage("decode", needs=("split",), reads=("image_size",), inputs=("images",)),
-    Stage("train", needs=("decode",), inputs=("weights",), uses=_MODEL,
-          reads=("backbone", "epochs", "batch_size", "lr", "max_steps", "seed", "precision", "channels_last")),
-    Stage("evaluate", needs=("decode", "train"), uses=_MODEL),
-    Stage("embed", needs=("decode", "train"), reads=("embed_images", "tsne_perplexity", "seed"), uses=_MODEL),
-    Stage("featuremaps", needs=("decode", "train"), reads=("feature_layers", "feature_images", "feature_channels"),
-          uses=_MODEL),
-    Stage("attention", needs=("decode", "train"), reads=("cam_layer", "attention_images"), uses=_MODEL),
-    Stage("explain", needs=("decode", "train"), uses=_MODEL,
-          reads=("cam_layer", "cam_methods", "explain_classes", "explain_images", "sanity_check",
-                 "faithfulness_steps", "seed")),
-    Stage("report", needs=("split", "train", "evaluate", "embed", "featuremaps", "attention", "explain")),
+STAGE_MODULES = (
+    "extract",
+    "split",
+    "decode",
+    "train",
+    "evaluate",
+    "embed",
+    "featuremaps",
+    "attention",
+    "explain",
+    "report",
 )
+
+
+def build(modules: tuple[str, ...]) -> tuple[Stage, ...]:
+    """The declarations of `modules`, in order, with EARLIER needs resolved."""
+    stages: list[Stage] = []
+    for name in modules:
+        stage = spec(name)
+        if stage.needs == EARLIER:
+            stage = dataclasses.replace(stage, needs=tuple(s.name for s in stages))
+        missing = [n for n in stage.needs if n not in {s.name for s in stages}]
+        if missing:
+            raise RuntimeError(f"stage {name} needs {missing}, which do not come before it in the graph")
+        stages.append(stage)
+    return tuple(stages)
+
+
+STAGES = build(STAGE_MODULES)
 STAGE_NAMES = tuple(stage.name for stage in STAGES)
 BY_NAME = {stage.name: stage for stage in STAGES}
 
@@ -63,10 +66,37 @@ def levels(stages: list[Stage]) -> list[list[Stage]]:
     return [[s for s in stages if depth[s.name] == d] for d in range(max(depth.values()) + 1)]
 
 
+def ancestors(stage: Stage, stages=STAGES) -> list[str]:
+    """Every stage `stage` depends on, directly or not, in graph order."""
+    by_name = {s.name: s for s in stages}
+    found, todo = set(), list(stage.needs)
+    while todo:
+        name = todo.pop()
+        if name not in found:
+            found.add(name)
+            todo.extend(by_name[name].needs)
+    return [s.name for s in stages if s.name in found]
+
+
+def context(stage: Stage, results: dict[str, dict], stages=STAGES) -> dict:
+    """The facts (`meta`) of every stage `stage` depends on, merged in graph order. Each fact
+    derives from keyed content upstream, so it needs no place in the key of its own."""
+    facts: dict = {}
+    for name in ancestors(stage, stages):
+        facts.update(results[name].get("meta", {}))
+    return facts
+
+
 def content_digest(result: dict) -> str:
     """What downstream keys see of a stage's result: its keyed outputs' hashes and its meta."""
     keyed = {name: o["sha256"] for name, o in result["outputs"].items() if "sha256" in o}
     return sha256_json({"outputs": keyed, "meta": result.get("meta", {})})
+
+
+def stage_code(stage: Stage, root=ROOT) -> dict[str, str]:
+    """A stage's code version; a stage that presents others counts their presentation too."""
+    presents = tuple(f"tasks.{name}" for name in stage.needs) if stage.presents else ()
+    return code_version(stage.module, root, presents)
 
 
 def components(stage: Stage, settings, upstream: dict[str, dict], inputs: dict[str, dict], root=ROOT) -> dict:
@@ -74,7 +104,7 @@ def components(stage: Stage, settings, upstream: dict[str, dict], inputs: dict[s
     values = settings.dump()
     return {
         "stage": stage.name,
-        "code": code_version(stage.module, root),
+        "code": stage_code(stage, root),
         "settings": {name: values[name] for name in stage.reads},
         "upstream": {name: {"key": upstream[name]["key"], "content": content_digest(upstream[name])}
                      for name in stage.needs},

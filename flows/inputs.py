@@ -7,40 +7,43 @@ dataset with identical bytes is served from the cache and read from its new plac
 from __future__ import annotations
 
 import functools
-import json
 import os
 from importlib.metadata import version
 from pathlib import Path
 
-from tasks.errors import DataError
-from tasks.hashing import HashMemo, sha256_json
-from tasks.sources import default_image_root, detect_format, list_images
-from tasks.stage import output_path
-
-DEMO_ROOT = Path("data/demo")
-DEMO_STAMP = ".agelens-demo.json"
+from flows.demo import DEMO_FILE, DEMO_ROOT
+from tasks.core.errors import DataError
+from tasks.core.hashing import HashMemo, sha256_json
+from tasks.core.stage import output_path
+from tasks.data.sources import default_image_root, detect_format, list_images
 
 
 def open_memo(out: str | Path) -> HashMemo:
-    """The file-hash memo kept under an output folder."""
+    """The file-hash memo kept under an output folder (in memory where it cannot be written)."""
     return HashMemo(Path(out) / ".cache" / "file-hashes.sqlite")
-
-
-def demo_is_current(root: Path, stamp: dict) -> bool:
-    """True when `root` holds a complete demo made from this spec by this code."""
-    try:
-        found = json.loads((root / DEMO_STAMP).read_text())
-    except (OSError, ValueError):
-        return False
-    return {k: found.get(k) for k in stamp} == stamp and "summary" in found
 
 
 class Inputs:
     """Content handles of the data a run reads, computed on first use and remembered."""
 
-    def __init__(self, data: str, images: str | None, weights: str, backbone: str, memo: HashMemo):
+    def __init__(self, data: str, images: str | None, weights: str, backbone: str, memo: HashMemo,
+                 out: str | Path | None = None):
         self.data, self.images_option, self.weights_choice, self.backbone = data, images, weights, backbone
-        self.memo = memo
+        self.memo, self.out = memo, out
+
+    @classmethod
+    def of(cls, settings, memo: HashMemo, make_demo: bool = True) -> "Inputs":
+        """The inputs of a run with these settings; the demo's data is generated first when
+        `make_demo` (otherwise only its expected place is named)."""
+        if settings.data is not None:
+            data = settings.data
+        elif make_demo:
+            from flows.demo import demo_data
+
+            data = demo_data()
+        else:
+            data = str(DEMO_ROOT / DEMO_FILE)
+        return cls(data, settings.images, settings.weights_choice, settings.backbone, memo, settings.out)
 
     def get(self, name: str, upstream: dict[str, dict], out: str) -> dict:
         """The handle of input `name` ("images" needs the split's result)."""
@@ -72,10 +75,13 @@ class Inputs:
 
     @functools.cached_property
     def listing(self) -> dict:
-        """Which image files exist: extract only needs names (contents are keyed by decode)."""
+        """Which image files exist: extract only needs names (contents are keyed by decode).
+        The output folder is left out, so outputs written inside the image root never count."""
         _, _, root = self.located
-        found = list_images(root)
-        return {"path": str(root), "sha256": sha256_json([sorted(found.files), sorted(found.outside_root)])}
+        exclude = [str(Path(self.out).expanduser().resolve())] if self.out else []
+        found = list_images(root, exclude)
+        return {"path": str(root), "exclude": exclude,
+                "sha256": sha256_json([sorted(found.files), sorted(found.outside_root), sorted(found.special)])}
 
     @functools.cache
     def sampled_images(self, manifest: Path) -> dict:
@@ -98,7 +104,7 @@ class Inputs:
         if self.weights_choice == "imagenet":
             path = self.pretrained_file()
             if not path.is_file():
-                from tasks.models import ensure_pretrained
+                from tasks.model.backbones import ensure_pretrained
 
                 path = ensure_pretrained(self.backbone)
         else:
@@ -112,7 +118,7 @@ class Inputs:
         """Where torch keeps the ImageNet weights of the backbone (remembered per torchvision
         version, so a cached run need not import torchvision to know)."""
         def compute() -> str:
-            from tasks.models import pretrained_file
+            from tasks.model.backbones import pretrained_file
 
             return pretrained_file(self.backbone).name
 

@@ -1,50 +1,71 @@
-"""A run's tables and report, assembled from the stored outputs (milliseconds, no torch): what
-every run publishes, cached stages included."""
+"""The end of every run, cached or not: its row in the run table, its report (the study report
+plus what is particular to this run: what changed since the last run, the learning curve over
+runs, the run table) as `<out>/report.md` and a Prefect artifact, every stage's tables as
+artifacts, and the data fingerprint it trained on for the watcher. Milliseconds, no torch."""
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
-from flows import runs
-from tasks.hashing import sha256_json
-from tasks.markdown import escape, image, table
-from tasks.stage import output_path
+from flows import runs, state
+from flows.graph import BY_NAME, STAGES, context
+from tasks.core.hashing import sha256_json
+from tasks.core.stage import View, atomic_write_bytes, output_path
+from tasks.reporting.markdown import escape, image, table
+
+REPORT_FILE = "report.md"  # the latest run's full report, at the top of --out
+# Settings that change what a model learns, apart from how many images it sees: runs that
+# agree on these are points of one learning curve.
+LEARNING_CURVE_SETTINGS = tuple(dict.fromkeys(
+    name for stage in ("split", "decode", "train") for name in BY_NAME[stage].reads if name != "per_class"))
 
 
-def _number(text: str):
-    try:
-        return int(text) if text.lstrip("-").isdigit() else float(text)
-    except ValueError:
-        return {"True": True, "False": False}.get(text, text)
+def _short(value) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
-def run_tables(out: Path, results: dict[str, dict], rows: list[dict]) -> dict:
-    tables: dict = {"runs": runs.table_rows(rows)}
-    if "extract" in results:
-        tables["extract"] = results["extract"]["summary"]
-    if "split" in results:
-        tables["split"] = results["split"]["summary"]
-    if "train" in results:
-        with open(output_path(out, results["train"], "history")) as handle:
-            tables["history"] = [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(handle)]
-    if "evaluate" in results:
-        tables["metrics"] = json.loads(output_path(out, results["evaluate"], "metrics").read_text())
-        tables["classes"] = results["evaluate"]["meta"]["classes"]
-    if "explain" in results:
-        tables["faithfulness"] = results["explain"]["summary"]["faithfulness"]
-        if "randomisation" in results["explain"]["summary"]:
-            tables["randomisation"] = results["explain"]["summary"]["randomisation"]
-    return tables
+def since_last(previous: dict | None, row: dict) -> list[str]:
+    """Markdown lines: which settings and data counts changed since `previous`, and the metric deltas."""
+    if previous is None:
+        return ["First recorded run in this output folder."]
+    lines = [f"Compared with run {previous['run_id'][:8]} of {previous['time']}:"]
+    changed = [f"{name} {_short(previous['settings'].get(name))} → {_short(value)}"
+               for name, value in row["settings"].items() if previous["settings"].get(name) != value]
+    lines.append("- settings: " + ("; ".join(changed) if changed else "unchanged"))
+    before, now = previous.get("drawn") or {}, row.get("drawn") or {}
+    counts = [f"{c} {before.get(c, 0)} → {n}" for c, n in now.items() if before.get(c) != n]
+    data = "same data" if previous.get("fingerprint") == row.get("fingerprint") else "the data changed"
+    lines.append(f"- images drawn per class: {'; '.join(counts) if counts else 'unchanged'} ({data})")
+    for split in ("val", "test"):
+        if row.get(split) and previous.get(split):
+            deltas = [f"{name} {row[split][name]:.3f} ({row[split][name] - previous[split][name]:+.3f})"
+                      for name in ("accuracy", "macro_f1", "mae_decades") if row[split].get(name) is not None
+                      and previous[split].get(name) is not None]
+            lines.append(f"- {split}: " + ", ".join(deltas))
+    return lines
+
+
+def learning_points(rows: list[dict], row: dict) -> list[dict]:
+    """One point per distinct training set among runs whose settings equal this one's apart
+    from the sample size (and whose data lives at the same place)."""
+    def group(r):
+        s = r["settings"]
+        return [s.get("data"), s.get("images"), s.get("weights"), *(s.get(n) for n in LEARNING_CURVE_SETTINGS)]
+
+    points = {}
+    for r in [*rows, row]:
+        if group(r) == group(row) and r.get("val") and r.get("train_images"):
+            points[(r["train_images"], r["fingerprint"])] = {"train_images": r["train_images"],
+                                                             "val_accuracy": r["val"]["accuracy"]}
+    return list(points.values())
 
 
 def learning_curve(out: Path, points: list[dict]) -> Path:
     """The learning-curve plot of these points, drawn once per distinct set of points."""
     path = out / "runs" / f"learning-curve-{sha256_json(sorted(points, key=json.dumps))[:16]}.png"
     if not path.exists():
-        from tasks.plots import base, runs as run_plots
-        from tasks.stage import atomic_write_bytes
+        from tasks.reporting.plots import base, runs as run_plots
 
         tmp = path.with_name(f".{path.name}.partial.png")
         base.save(run_plots.learning_curve(points), tmp)
@@ -53,18 +74,54 @@ def learning_curve(out: Path, points: list[dict]) -> Path:
     return path
 
 
+def views(out: Path, results: dict[str, dict]) -> list[View]:
+    return [View(out, results[s.name], context(s, results)) for s in STAGES if s.name in results]
+
+
+def run_tables(out: Path, results: dict[str, dict], rows: list[dict]) -> list:
+    """Every table the stages of this run offer, and the run table."""
+    from tasks.reporting.artifacts import RUNS
+    from tasks.reporting.tables import Table
+
+    found = []
+    for view in views(out, results):
+        offer = BY_NAME[view.stage].presentation("tables")
+        if offer is not None:
+            found += offer(view)
+    return [*found, Table(RUNS, runs.table_rows(rows), "Completed runs in this output folder, newest first")]
+
+
 def run_report(out: Path, results: dict[str, dict], previous: list[dict], row: dict) -> str:
-    """The study report (when the run reached it) plus what is particular to this run: what
-    changed since the last run, the learning curve over runs, the run table."""
+    """The study report (when the run reached it) plus what is particular to this run."""
     if "report" in results:
         parts = [output_path(out, results["report"], "report").read_text().rstrip()]
     else:
         parts = [f"# agelens run (until {escape(row['settings']['until'])})",
-                 table([{"stage": name, "state": row["states"][name], "key": key} for name, key in row["stages"].items()])]
+                 table([{"stage": name, "state": row["states"][name], "key": key, "summary": BY_NAME[name].describe(
+                     results[name]["summary"])} for name, key in row["stages"].items()])]
     parts += ["## Since the last run", "\n".join(escape(line) if not line.startswith("- ") else "- " + escape(line[2:])
-                                                  for line in runs.since_last(previous[-1] if previous else None, row))]
-    points = runs.learning_points(previous, row)
+                                                  for line in since_last(previous[-1] if previous else None, row))]
+    points = learning_points(previous, row)
     if len(points) >= 2:
         parts += ["## Learning curve", image(learning_curve(out, points), "val accuracy against training images", 560)]
     parts += ["## Runs in this output folder (newest first)", table(runs.table_rows([*previous, row], limit=10))]
     return "\n\n".join(parts) + "\n"
+
+
+def finish(settings, out: Path, inputs, results: dict[str, dict], states: dict[str, str], run_id: str,
+           scope: str | None = None) -> dict:
+    """Append this run to the run table, write and publish its report and tables, record the
+    data fingerprint it trained on. Returns the run's row (with the report's path)."""
+    from tasks.reporting.artifacts import publish_run
+
+    data = state.fingerprint(inputs, results, out) if "split" in results else None
+    previous = runs.read_runs(out)
+    row = runs.make_row(run_id, settings, results, states, data)
+    runs.append_run(out, row)
+    report = run_report(out, results, previous, row)
+    atomic_write_bytes(out / REPORT_FILE, report.encode())
+    publish_run(run_tables(out, results, [*previous, row]), report, scope)
+    if data is not None:
+        state.record_state(settings, {"fingerprint": data, "drawn": row["drawn"], "run_id": row["run_id"],
+                                      "time": row["time"]})
+    return {**row, "report": str(out / REPORT_FILE)}

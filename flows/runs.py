@@ -1,63 +1,56 @@
-"""What each completed run trained on and reached: the run table under `--out`, the data
-fingerprint the watcher compares, and the per-configuration state kept in Prefect Variables."""
+"""The run table under `--out`: one row per completed run, what it trained on and reached."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from datetime import datetime, timezone
 from pathlib import Path
 
 from flows.graph import BY_NAME
 from flows.locks import locked
-from tasks.hashing import sha256_json
 
-# Settings that change what a model learns, apart from how many images it sees: runs that
-# agree on these are points of one learning curve.
-LEARNING_CURVE_SETTINGS = tuple(dict.fromkeys(
-    name for stage in ("split", "decode", "train") for name in BY_NAME[stage].reads if name != "per_class"))
-
-
-def settings_digest(settings) -> str:
-    return sha256_json(settings.dump())[:16]
-
-
-def state_variable(settings) -> str:
-    """The Prefect Variable holding the data fingerprint of the last successful run with
-    exactly these settings (so configurations never interfere)."""
-    return f"agelens-state-{settings_digest(settings)}"
-
-
-def emitted_variable(settings) -> str:
-    """The Prefect Variable recording the last retraining the watcher asked for."""
-    return f"agelens-emitted-{settings_digest(settings)}"
-
-
-def fingerprint(inputs, results: dict[str, dict], out: str | Path) -> str:
-    """What the pipeline would train on: the metadata's content, the image listing, the drawn
-    sample (the split manifest) and the content of every drawn image (`inputs`: flows.inputs.Inputs)."""
-    handles = {name: inputs.get(name, results, str(out)) for name in ("source", "listing", "images")}
-    return sha256_json({"source": handles["source"]["sha256"], "listing": handles["listing"]["sha256"],
-                        "sample": results["split"]["outputs"]["manifest"]["sha256"],
-                        "images": handles["images"]["sha256"]})[:32]
+ROW_FIELDS = {"run_id": str, "time": str, "settings": dict, "stages": dict}
+log = logging.getLogger("agelens")
 
 
 def table_path(out: str | Path) -> Path:
     return Path(out) / "runs" / "runs.jsonl"
 
 
-def read_runs(out: str | Path) -> list[dict]:
-    """Completed runs, oldest first (lines cut short by a crash are skipped)."""
+def _row(line: str) -> dict | None:
     try:
-        lines = table_path(out).read_text().splitlines()
-    except FileNotFoundError:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(row, dict) or not all(isinstance(row.get(k), t) for k, t in ROW_FIELDS.items()):
+        return None
+    return row
+
+
+def read_runs(out: str | Path) -> list[dict]:
+    """Completed runs, oldest first. A line cut short by a crash, or edited into another shape, is
+    skipped with a warning."""
+    try:
+        lines = table_path(out).read_text(errors="replace").splitlines()
+    except (FileNotFoundError, NotADirectoryError):
         return []
-    rows = []
-    for line in lines:
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            continue
+    except OSError as error:
+        log.warning("cannot read the run table %s: %s", table_path(out), error.strerror)
+        return []
+    rows, bad = [], []
+    for number, line in enumerate(lines, start=1):
+        if line.strip():
+            row = _row(line)
+            if row is None:
+                bad.append(number)
+            else:
+                rows.append(row)
+    # The last line may be a run killed while appending; anything else was damaged.
+    if bad and bad != [len(lines)]:
+        log.warning("skipped %d damaged line(s) of %s (line %s)", len(bad), table_path(out),
+                    ", ".join(map(str, bad[:5])))
     return rows
 
 
@@ -72,64 +65,29 @@ def append_run(out: str | Path, row: dict) -> None:
 
 
 def make_row(run_id: str, settings, results: dict[str, dict], states: dict[str, str], data_fingerprint: str | None) -> dict:
-    def metric(split):
-        found = results.get("evaluate", {}).get("summary", {}).get(split)
-        return {k: found[k] for k in ("accuracy", "macro_f1", "mae_decades")} if found else None
+    def summary(stage: str):
+        return BY_NAME[stage].summary.model_validate(results[stage]["summary"]) if stage in results else None
 
-    split, train = results.get("split", {}).get("summary", {}), results.get("train", {}).get("summary", {})
+    split, train, evaluate = summary("split"), summary("train"), summary("evaluate")
+
+    def metric(split_name: str):
+        found = getattr(evaluate, split_name, None) if evaluate else None
+        return {k: getattr(found, k) for k in ("accuracy", "macro_f1", "mae_decades")} if found else None
+
     return {
         "run_id": run_id, "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "fingerprint": data_fingerprint, "settings": settings.dump(), "drawn": split.get("per_class"),
-        "train_images": train.get("train_images"), "val": metric("val"), "test": metric("test"),
-        "best_epoch": train.get("best_epoch"), "training_seconds": train.get("training_seconds"),
+        "fingerprint": data_fingerprint, "settings": settings.dump(), "drawn": split.per_class if split else None,
+        "train_images": train.train_images if train else None, "val": metric("val"), "test": metric("test"),
+        "best_epoch": train.best_epoch if train else None,
+        "training_seconds": train.training_seconds if train else None,
         "stages": {name: result["key"] for name, result in results.items()}, "states": states,
     }
-
-
-def _short(value) -> str:
-    return f"{value:.3f}" if isinstance(value, float) else str(value)
-
-
-def since_last(previous: dict | None, row: dict) -> list[str]:
-    """Markdown lines: which settings and data counts changed since `previous`, and the metric deltas."""
-    if previous is None:
-        return ["First recorded run in this output folder."]
-    lines = [f"Compared with run {previous['run_id'][:8]} of {previous['time']}:"]
-    changed = [f"{name} {_short(previous['settings'].get(name))} → {_short(value)}"
-               for name, value in row["settings"].items() if previous["settings"].get(name) != value]
-    lines.append("- settings: " + ("; ".join(changed) if changed else "unchanged"))
-    before, now = previous.get("drawn") or {}, row.get("drawn") or {}
-    counts = [f"{c} {before.get(c, 0)} → {n}" for c, n in now.items() if before.get(c) != n]
-    data = "same data" if previous.get("fingerprint") == row.get("fingerprint") else "the data changed"
-    lines.append(f"- images drawn per class: {'; '.join(counts) if counts else 'unchanged'} ({data})")
-    for split in ("val", "test"):
-        if row.get(split) and previous.get(split):
-            deltas = [f"{name} {row[split][name]:.3f} ({row[split][name] - previous[split][name]:+.3f})"
-                      for name in ("accuracy", "macro_f1", "mae_decades") if row[split][name] is not None
-                      and previous[split][name] is not None]
-            lines.append(f"- {split}: " + ", ".join(deltas))
-    return lines
-
-
-def learning_points(rows: list[dict], row: dict) -> list[dict]:
-    """One point per distinct training set among runs whose settings equal this one's apart
-    from the sample size (and whose data lives at the same place)."""
-    def group(r):
-        s = r["settings"]
-        return [s.get("data"), s.get("images"), s.get("weights"), *(s.get(n) for n in LEARNING_CURVE_SETTINGS)]
-
-    points = {}
-    for r in [*rows, row]:
-        if group(r) == group(row) and r.get("val") and r.get("train_images"):
-            points[(r["train_images"], r["fingerprint"])] = {"train_images": r["train_images"],
-                                                             "val_accuracy": r["val"]["accuracy"]}
-    return list(points.values())
 
 
 def table_rows(rows: list[dict], limit: int = 30) -> list[dict]:
     """The run table for people, newest first."""
     out = []
-    for r in reversed(rows[-limit:]):
+    for r in reversed(rows[-limit:] if limit else []):
         val = r.get("val") or {}
         out.append({"run": r["run_id"][:8], "time": r["time"], "data": (r.get("fingerprint") or "")[:8],
                     "per class": ", ".join(f"{c} {n}" for c, n in (r.get("drawn") or {}).items()),
@@ -137,29 +95,3 @@ def table_rows(rows: list[dict], limit: int = 30) -> list[dict]:
                     "macro-F1": val.get("macro_f1"), "MAE (decades)": val.get("mae_decades"),
                     "best epoch": r.get("best_epoch"), "training s": r.get("training_seconds")})
     return out
-
-
-def set_variable(name: str, value: dict) -> None:
-    """Prefect's Variable.set(overwrite=True) reads, then creates or updates: two runs finishing at
-    once can both try to create. The loser retries, and then updates."""
-    from prefect.exceptions import ObjectAlreadyExists
-    from prefect.variables import Variable
-
-    for attempt in range(3):
-        try:
-            Variable.set(name, value, overwrite=True)
-            return
-        except ObjectAlreadyExists:
-            if attempt == 2:
-                raise
-
-
-def record_state(settings, state: dict) -> None:
-    """What a successful run trained on, for the watcher; written only when the data changed
-    (a read costs the server less than a write, and a cached rerun changes nothing)."""
-    from prefect.variables import Variable
-
-    name = state_variable(settings)
-    current = Variable.get(name, default=None)
-    if not current or current.get("fingerprint") != state["fingerprint"]:
-        set_variable(name, state)

@@ -14,13 +14,12 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from flows.graph import STAGE_NAMES
-from tasks.errors import ConfigError
+from tasks.core.errors import ConfigError
 
 PRESETS: dict[str, dict] = {
     # The reference's pipeline with ConvNeXt-Tiny's layout at 1/8 width at 64 px: minutes on a 2-core CPU.
     "demo": {"backbone": "convnext_narrow", "image_size": 64, "epochs": 12, "lr": 3e-4},
 }
-CAM_METHODS = ("grad_cam", "hirescam", "grad_cam_plus_plus", "xgrad_cam", "layer_cam", "score_cam")
 CamMethod = Literal["grad_cam", "hirescam", "grad_cam_plus_plus", "xgrad_cam", "layer_cam", "score_cam"]
 StageName = Literal[STAGE_NAMES]  # type: ignore[valid-type]
 DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
@@ -33,7 +32,7 @@ def option(field: str) -> str:
 class RunSettings(BaseModel):
     """Every setting of a run. Defaults are the reference notebook's."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     preset: Literal["demo"] | None = Field(None, description="named overrides, e.g. demo (small model, 64 px)")
     # data
@@ -44,7 +43,7 @@ class RunSettings(BaseModel):
     until: StageName = Field("report", description="stop after this stage")
     # sampling and split
     per_class: Annotated[int, Field(ge=1)] | Literal["all"] = Field(200, description="images drawn per decade, or all")
-    seed: int = Field(0, description="sampling, split, initialisation and augmentation")
+    seed: int = Field(0, ge=0, lt=2**32, description="sampling, split, initialisation and augmentation")
     split_by: Literal["identity", "image"] = Field("identity", description="image reproduces the reference's leaky split")
     val_frac: float = Field(0.2, gt=0, lt=1, description="share of each class for validation")
     test_frac: float = Field(0.0, ge=0, lt=1, description="share of each class for a held-out test split")
@@ -52,34 +51,34 @@ class RunSettings(BaseModel):
     backbone: str = Field("convnext_tiny", description="a torchvision classifier, or convnext_narrow")
     weights: str = Field("auto", description="auto (ImageNet for real data, none for the demo), imagenet, none, or a "
                                              ".pth/.safetensors state dict")
-    epochs: int = Field(5, ge=1)
-    batch_size: int = Field(32, ge=1)
-    lr: float = Field(1e-4, gt=0, description="Adam's learning rate")
-    max_steps: int | None = Field(None, ge=1, description="at most this many batches per epoch, of training and "
+    epochs: int = Field(5, ge=1, le=10_000)
+    batch_size: int = Field(32, ge=1, le=65_536)
+    lr: float = Field(1e-4, gt=0, le=10, description="Adam's learning rate")
+    max_steps: int | None = Field(None, ge=1, le=10**9, description="at most this many batches per epoch, of training and "
                                                           "of validation (benchmarks and smoke runs)")
-    image_size: int = Field(224, ge=16, description="images are resized to this square size")
+    image_size: int = Field(224, ge=16, le=1024, description="images are resized to this square size")
     device: str = Field("auto", description="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto uses bf16 where it is faster")
     channels_last: Literal["auto", "on", "off"] = Field("auto", description="auto uses it where it is faster")
-    eval_batch_size: int = Field(64, ge=1, description="batch size of inference (does not change results)")
+    eval_batch_size: int = Field(64, ge=1, le=65_536, description="batch size of inference (does not change results)")
     # embedding, feature maps, explanations
-    embed_images: int = Field(5000, ge=10, description="at most this many train+val images are projected "
+    embed_images: int = Field(5000, ge=10, le=1_000_000, description="at most this many train+val images are projected "
                                                        "(a seeded, class-stratified draw)")
-    tsne_perplexity: float = Field(30.0, gt=0)
+    tsne_perplexity: float = Field(30.0, gt=0, le=1000)
     feature_layers: list[str] = Field(["auto"], description="layers for feature maps (dotted, negative indices "
                                                             "from the end); auto: the backbone family's")
-    feature_images: int = Field(9, ge=1, description="val images per class for feature maps")
-    feature_channels: int = Field(8, ge=1, description="channels per feature-map grid")
+    feature_images: int = Field(9, ge=1, le=1000, description="val images per class for feature maps")
+    feature_channels: int = Field(8, ge=1, le=256, description="channels per feature-map grid")
     cam_layer: str = Field("auto", description="layer for CAM methods; auto: the backbone family's last stage")
     cam_methods: list[CamMethod] = Field(["grad_cam", "hirescam", "grad_cam_plus_plus", "xgrad_cam", "layer_cam"],
                                          description="CAM methods to compute; score_cam costs one forward pass "
                                                      "per channel")
     explain_classes: list[str] = Field(["10s", "60s"], description="classes whose val images are explained")
-    explain_images: int = Field(2, ge=1, description="val images explained per class")
+    explain_images: int = Field(2, ge=1, le=1000, description="val images explained per class")
     sanity_check: bool = Field(True, description="cascading model randomisation and the random-logit test")
-    faithfulness_steps: int = Field(3, ge=2, description="steps of the deletion and insertion curves (each step "
+    faithfulness_steps: int = Field(3, ge=2, le=100, description="steps of the deletion and insertion curves (each step "
                                                          "costs a forward pass per image, method and curve)")
-    attention_images: int = Field(100, ge=1, description="val images per class in the mean Grad-CAM per decade")
+    attention_images: int = Field(100, ge=1, le=100_000, description="val images per class in the mean Grad-CAM per decade")
 
     @model_validator(mode="before")
     @classmethod

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from flows.graph import components, key_of, selected
 from flows.runs import read_runs
-from tasks.errors import AgelensError
-from tasks.stage import PARAMETERS, read_result, stage_folder
+from tasks.core.errors import AgelensError
+from tasks.core.stage import PARAMETERS, damage, read_result, stage_folder
 
 
 def _previous_parts(out: str, stage: str) -> dict | None:
@@ -46,9 +46,10 @@ def reasons(parts: dict, before: dict | None) -> list[str]:
     return why or ["its output folder was removed"]
 
 
-def plan(settings, out: str, inputs) -> list[dict]:
+def plan(settings, out: str, inputs, hash_file=None) -> list[dict]:
     """[{stage, key (None while an upstream stage must run first), cached, reasons}] for the
-    stages up to `until`, computed from the folders under `out` and the inputs' content."""
+    stages up to `until`, computed from the folders under `out` and the inputs' content. A
+    folder whose outputs are missing or changed is not cached (`hash_file`: the memo's)."""
     known: dict[str, dict] = {}
     rows = []
     for stage in selected(settings.until):
@@ -60,17 +61,19 @@ def plan(settings, out: str, inputs) -> list[dict]:
         try:
             handles = {name: inputs.get(name, known, out) for name in stage.inputs}
         except AgelensError as error:
-            rows.append({"stage": stage.name, "key": None, "cached": False, "reasons": [f"cannot run: {error}"]})
+            rows.append({"stage": stage.name, "key": None, "cached": False, "reasons": [f"cannot run: {error}"],
+                         "error": str(error)})
             continue
         parts = components(stage, settings, known, handles)
         key = key_of(parts)
-        result = read_result(out, stage.name, key)
+        problem = damage(out, stage.name, key, **({"hash_file": hash_file} if hash_file else {}))
+        result = None if problem else read_result(out, stage.name, key)
         if result is not None:
             known[stage.name] = result
             rows.append({"stage": stage.name, "key": key, "cached": True, "reasons": []})
         else:
             rows.append({"stage": stage.name, "key": key, "cached": False,
-                         "reasons": reasons(parts, _previous_parts(out, stage.name))})
+                         "reasons": [f"damaged: {problem}"] if problem else reasons(parts, _previous_parts(out, stage.name))})
     return rows
 
 

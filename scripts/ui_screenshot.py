@@ -14,7 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from flows.server import REPO, PrefectServer
+from tests.harness import REPO, PrefectServer
 
 
 

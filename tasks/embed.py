@@ -2,31 +2,32 @@
 
 from __future__ import annotations
 
-import numpy as np
-from sklearn.decomposition import PCA
-from sklearn.manifold import TSNE
-
-from tasks.plots import base, evaluation
-from tasks.arrays import open_decoded
-from tasks.inference import load_trained, penultimate_features, runtime_for
-from tasks.picking import stratified
-from tasks.stage import Job, logger
+from tasks.core.stage import Job, Stage, Summary, logger
 
 
-def project(features: np.ndarray, seed: int, perplexity: float) -> tuple[dict[str, np.ndarray], list[float]]:
-    """2-D PCA and t-SNE coordinates (t-SNE's perplexity capped below the sample size), and
-    the variance share of the two principal components."""
-    pca = PCA(n_components=2, random_state=seed).fit(features)
-    perplexity = min(perplexity, max(1.0, (len(features) - 1) / 3))
-    tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(features)
-    return {"pca": pca.transform(features), "tsne": tsne}, [float(v) for v in pca.explained_variance_ratio_]
+class EmbedSummary(Summary):
+    images: int
+    feature_dim: int
+    pca_explained_variance: list[float]
+
+
+STAGE = Stage("embed", EmbedSummary, needs=("decode", "train"), reads=("embed_images", "tsne_perplexity", "seed"),
+              uses=("device", "eval_batch_size"), outputs=("coordinates", "features", "pca", "tsne"))
 
 
 def run(job: Job) -> dict:
+    import numpy as np
+
+    from tasks.data.arrays import open_decoded
+    from tasks.data.picking import stratified
+    from tasks.model.inference import load_trained, penultimate_features, runtime_for
+    from tasks.model.projection import project
+    from tasks.reporting.plots import base, evaluation
+
     log = logger()
     settings = job.settings
     index, array = open_decoded(job)
-    classes = job.upstream["train"]["meta"]["classes"]
+    classes = job.context["classes"]
     runtime = runtime_for(job)
     model = load_trained(job, runtime)
     rows = stratified(index, ("train", "val"), settings["embed_images"], settings["seed"])
@@ -41,10 +42,20 @@ def run(job: Job) -> dict:
         np.save(out.path("features.npy"), features.astype(np.float32))
         for method, title in (("pca", "PCA"), ("tsne", "t-SNE")):
             base.save(evaluation.embedding_scatter(coords[method], table["label"].tolist(), classes,
-                                               f"{title} of penultimate features ({features.shape[1]}-d), train + val"),
-                       out.path(f"{method}.png"))
+                                                   f"{title} of penultimate features ({features.shape[1]}-d), "
+                                                   "train + val"), out.path(f"{method}.png"))
         for name, file in (("coordinates", "coordinates.parquet"), ("features", "features.npy"), ("pca", "pca.png"),
                            ("tsne", "tsne.png")):
             out.add(name, file)
-        summary = {"images": int(len(table)), "feature_dim": int(features.shape[1]), "pca_explained_variance": variance}
-        return out.finish(summary)
+        return out.finish(EmbedSummary(images=len(table), feature_dim=features.shape[1],
+                                       pca_explained_variance=variance))
+
+
+def describe(s: EmbedSummary) -> str:
+    return f"{s.images} feature vectors of dimension {s.feature_dim}"
+
+
+def report_section(view) -> list[str]:
+    from tasks.reporting.markdown import image
+
+    return ["## Embedding of penultimate features", image(view.path("pca"), "PCA"), image(view.path("tsne"), "t-SNE")]

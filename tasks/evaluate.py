@@ -2,41 +2,38 @@
 
 from __future__ import annotations
 
-import numpy as np
-import pandas as pd
-from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
-
-from tasks.plots import base, evaluation
-from tasks.arrays import open_decoded, rows_of
-from tasks.inference import load_trained, predict, runtime_for
-from tasks.labels import decade_values
-from tasks.stage import Job, logger, write_json
+from tasks.core.stage import Job, Stage, Summary, logger
 
 
-def classification_metrics(actual: np.ndarray, predicted: np.ndarray, classes: list[str]) -> dict:
-    """Accuracy, macro-F1, per-class precision/recall/support, MAE in decades, and the
-    confusion matrix normalised per actual class (rows = actual)."""
-    labels = np.arange(len(classes))
-    precision, recall, f1, support = precision_recall_fscore_support(
-        actual, predicted, labels=labels, zero_division=0)
-    decades = decade_values(classes)
-    mae = None if decades is None else float(np.abs(np.array(decades)[actual] - np.array(decades)[predicted]).mean() / 10)
-    return {
-        "images": int(len(actual)),
-        "accuracy": float(accuracy_score(actual, predicted)),
-        "macro_f1": float(f1_score(actual, predicted, labels=labels, average="macro", zero_division=0)),
-        "mae_decades": mae,
-        "per_class": {c: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
-                      for c, p, r, f, s in zip(classes, precision, recall, f1, support)},
-        "confusion": confusion_matrix(actual, predicted, labels=labels, normalize="true").tolist(),
-        "confusion_counts": confusion_matrix(actual, predicted, labels=labels).tolist(),
-    }
+class SplitMetrics(Summary):
+    images: int
+    accuracy: float
+    macro_f1: float
+    mae_decades: float | None
+
+
+class EvaluateSummary(Summary):
+    val: SplitMetrics
+    test: SplitMetrics | None = None
+
+
+STAGE = Stage("evaluate", EvaluateSummary, needs=("decode", "train"), uses=("device", "eval_batch_size"),
+              outputs=("predictions", "metrics", "confusion_val", "confusion_test"))
 
 
 def run(job: Job) -> dict:
+    import numpy as np
+    import pandas as pd
+
+    from tasks.core.stage import write_json
+    from tasks.data.arrays import open_decoded, rows_of
+    from tasks.model.inference import load_trained, predict, runtime_for
+    from tasks.model.metrics import classification_metrics
+    from tasks.reporting.plots import base, evaluation
+
     log = logger()
     index, array = open_decoded(job)
-    classes = job.upstream["train"]["meta"]["classes"]
+    classes = job.context["classes"]
     runtime = runtime_for(job)
     model = load_trained(job, runtime)
     metrics, tables = {}, []
@@ -63,7 +60,41 @@ def run(job: Job) -> dict:
         for split, m in metrics.items():
             name = f"confusion_{split}.png"
             base.save(evaluation.confusion_heatmap(np.array(m["confusion"]), classes, f"{split} confusion (per actual)"),
-                       out.path(name))
+                      out.path(name))
             out.add(f"confusion_{split}", name)
-        summary = {split: {k: m[k] for k in ("images", "accuracy", "macro_f1", "mae_decades")} for split, m in metrics.items()}
-        return out.finish(summary, meta={"classes": classes})
+        return out.finish(EvaluateSummary(**{split: SplitMetrics(**{k: m[k] for k in SplitMetrics.model_fields})
+                                             for split, m in metrics.items()}))
+
+
+def describe(s: EvaluateSummary) -> str:
+    return ", ".join(f"{split} acc {m.accuracy:.3f} macro-F1 {m.macro_f1:.3f}"
+                     for split, m in (("val", s.val), ("test", s.test)) if m is not None)
+
+
+def report_section(view) -> list[str]:
+    import json
+
+    from tasks.reporting.markdown import image, table
+    from tasks.reporting.tables import class_report_rows, decades
+
+    val = view.summary.val
+    metrics = json.loads(view.path("metrics").read_text())
+    return [f"Validation: accuracy **{val.accuracy:.3f}**, macro-F1 **{val.macro_f1:.3f}**, MAE "
+            f"**{decades(val.mae_decades)}** decades.",
+            "## Confusion matrix (normalised per actual class)", image(view.path("confusion_val"), "confusion heatmap"),
+            "## Per-class report (val)", table(class_report_rows(metrics["val"]))]
+
+
+def tables(view) -> list:
+    import json
+
+    from tasks.reporting.tables import Table, class_report_rows, confusion_rows, decades
+
+    out = []
+    for split, m in json.loads(view.path("metrics").read_text()).items():
+        out += [Table(f"classification-report-{split}", class_report_rows(m),
+                      f"{split}: accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f}, MAE "
+                      f"{decades(m['mae_decades'])} decades"),
+                Table(f"confusion-matrix-{split}", confusion_rows(m, view.context["classes"]),
+                      f"{split} confusion matrix, normalised per actual class")]
+    return out

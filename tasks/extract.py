@@ -2,93 +2,41 @@
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
-
-import numpy as np
-import pandas as pd
-
-from tasks.errors import DataError
-from tasks.labels import decade_label, label_order
-from tasks.sources import CACD_FILE, Listing, list_images, read_source
-from tasks.stage import Job, logger
-
-MAX_AGE = 120
-UNSAFE = re.compile(r"(?:^|[/\\])\.\.(?:[/\\]|$)")
+from tasks.core.stage import Job, Stage, Summary, logger
 
 
-def _identities(table: pd.DataFrame) -> tuple[pd.Series, str]:
-    if "identity" in table.columns and table["identity"].notna().all():
-        return table["identity"].astype(str), "metadata"
-    names = table["path"].str.rsplit("/", n=1).str[-1].str.extract(CACD_FILE)[1]
-    if names.notna().all():
-        return names, "file name"
-    return table["path"], "none: each image is its own identity"
+class ExtractSummary(Summary):
+    rows_in: int
+    rows_out: int
+    dropped: dict[str, int]
+    dropped_examples: dict[str, list[str]]
+    classes: list[str]
+    per_class: dict[str, int]
+    identities: int
+    identity_source: str
+    source_format: str
+    skipped_names: list[str] = []  # file names that are not UTF-8 (escaped), never read
+    skipped_name_count: int = 0
 
 
-def _through(paths: pd.Series, links: set[str]) -> pd.Series:
-    """Which paths are one of `links` or lie below one."""
-    if not links:
-        return pd.Series(False, index=paths.index)
-    prefixes = tuple(link + "/" for link in links)
-    return paths.isin(links) | paths.str.startswith(prefixes)
-
-
-def validate(raw: pd.DataFrame, listing: Listing) -> tuple[pd.DataFrame, dict]:
-    """Drop unusable rows, counting each by reason; add label, class index and identity."""
-    table = raw.copy()
-    reasons: dict[str, pd.Series] = {}
-    path = table["path"].astype(str)
-    reasons["unsafe_path"] = (path == "") | path.str.startswith(("/", "\\")) | path.str.match(r"^[A-Za-z]:") \
-        | path.str.contains(UNSAFE)
-    if "age" in table.columns:
-        age = pd.to_numeric(table["age"], errors="coerce")
-        reasons["age_out_of_range"] = ~age.between(0, MAX_AGE)
-    reasons["duplicate_path"] = path.duplicated()
-    reasons["symlink_outside_root"] = _through(path, listing.outside_root)
-    reasons["missing_image"] = ~path.isin(listing.files)
-
-    keep = pd.Series(True, index=table.index)
-    dropped, examples = {}, {}
-    for reason, bad in reasons.items():  # each row is counted under its first reason only
-        hit = bad & keep
-        dropped[reason] = int(hit.sum())
-        examples[reason] = path[hit].head(5).tolist()
-        keep &= ~hit
-    table = table[keep].reset_index(drop=True)
-    if table.empty:
-        raise DataError(
-            "no usable rows: " + ", ".join(f"{n} {r.replace('_', ' ')}" for r, n in dropped.items() if n)
-        )
-    if "label" not in table.columns:
-        table["age"] = table["age"].astype(np.int64)
-        table["label"] = [decade_label(a) for a in table["age"]]
-    classes = label_order(table["label"])
-    if len(classes) < 2:
-        raise DataError(f"every usable image is in class {classes[0]}: a classifier needs at least two classes "
-                        f"({len(table)} rows kept)")
-    table["class_index"] = table["label"].map({c: i for i, c in enumerate(classes)}).astype(np.int64)
-    table["identity"], identity_source = _identities(table)
-    summary = {
-        "rows_in": int(len(raw)),
-        "rows_out": int(len(table)),
-        "dropped": dropped,
-        "dropped_examples": {r: e for r, e in examples.items() if e},
-        "classes": classes,
-        "per_class": {c: int(n) for c, n in table["label"].value_counts().reindex(classes).items()},
-        "identities": int(table["identity"].nunique()),
-        "identity_source": identity_source,
-    }
-    return table, summary
+STAGE = Stage("extract", ExtractSummary, inputs=("source", "listing"), outputs=("metadata",))
 
 
 def run(job: Job) -> dict:
     """Read the metadata, validate it against the image folder, write `metadata.parquet`."""
+    from pathlib import Path
+
+    from tasks.data.sources import list_images, read_source
+    from tasks.data.validation import validate
+
     log = logger()
     source, listing = job.inputs["source"], job.inputs["listing"]
-    raw = read_source(Path(source["path"]), source["format"])
-    table, summary = validate(raw, list_images(Path(listing["path"])))
-    summary["source_format"] = source["format"]
+    found = list_images(Path(listing["path"]), exclude=listing.get("exclude", ()))
+    raw = read_source(Path(source["path"]), source["format"], found)
+    table, summary = validate(raw, found)
+    if summary["skipped_name_count"]:
+        log.warning("skipped %d files whose names are not UTF-8 (e.g. %s)", summary["skipped_name_count"],
+                    ", ".join(summary["skipped_names"][:3]))
     for reason, count in summary["dropped"].items():
         if count:
             log.warning("dropped %d rows: %s (e.g. %s)", count, reason.replace("_", " "),
@@ -98,4 +46,20 @@ def run(job: Job) -> dict:
     with job.output() as out:
         table.to_parquet(out.path("metadata.parquet"), index=False)
         out.add("metadata", "metadata.parquet")
-        return out.finish(summary, meta={"classes": summary["classes"]})
+        return out.finish(ExtractSummary(**summary, source_format=source["format"]),
+                          meta={"classes": summary["classes"]})
+
+
+def describe(s: ExtractSummary) -> str:
+    dropped = {k: v for k, v in s.dropped.items() if v}
+    return f"kept {s.rows_out} of {s.rows_in} rows, dropped {dropped or 'none'}"
+
+
+def tables(view) -> list:
+    from tasks.reporting.tables import Table
+
+    s = view.summary
+    rows = [{"measure": "rows in metadata", "value": s.rows_in}, {"measure": "rows kept", "value": s.rows_out},
+            *({"measure": f"dropped: {reason.replace('_', ' ')}", "value": n} for reason, n in s.dropped.items()),
+            {"measure": "identities", "value": s.identities}, {"measure": "source format", "value": s.source_format}]
+    return [Table("extract-summary", rows, "Metadata extraction: rows kept and dropped by reason")]

@@ -2,29 +2,29 @@
 
 from __future__ import annotations
 
-from contextlib import ExitStack
-
-import numpy as np
-import torch
-
-from tasks.plots import base, explanations
-from tasks.arrays import open_decoded
-from tasks.attribution import as_nchw, capture, feature_layers_of, layout, resolve_layer
-from tasks.inference import load_trained, model_input, runtime_for
-from tasks.picking import first_per_class
-from tasks.stage import Job, logger
+from tasks.core.stage import Job, Stage, Summary, logger
 
 
-@torch.no_grad()
-def layer_outputs(model, x: torch.Tensor, layers: list[str]) -> dict[str, np.ndarray]:
-    """Each layer's output as (N, C, H, W) for the batch `x`."""
-    with ExitStack() as stack:
-        stores = {spec: stack.enter_context(capture(resolve_layer(model, spec))) for spec in layers}
-        model(x)
-    return {spec: as_nchw(stores[spec]["output"], layout(model, spec), spec).float().cpu().numpy() for spec in layers}
+class FeatureMapsSummary(Summary):
+    layers: list[str]
+    classes: list[str]
+    files: int
+    images_per_class: dict[str, int]
+
+
+STAGE = Stage("featuremaps", FeatureMapsSummary, needs=("decode", "train"), uses=("device", "eval_batch_size"),
+              reads=("feature_layers", "feature_images", "feature_channels"), outputs=("feature_maps",))
 
 
 def run(job: Job) -> dict:
+    import torch
+
+    from tasks.attribution.layers import feature_layers_of, layer_outputs
+    from tasks.data.arrays import open_decoded
+    from tasks.data.picking import first_per_class
+    from tasks.model.inference import load_trained, model_input, runtime_for
+    from tasks.reporting.plots import base, explanations
+
     log = logger()
     settings = job.settings
     index, array = open_decoded(job)
@@ -32,7 +32,7 @@ def run(job: Job) -> dict:
     model = load_trained(job, runtime)
     layers = feature_layers_of(model, settings["feature_layers"])
     channels = settings["feature_channels"]
-    picked = first_per_class(index, "val", job.upstream["train"]["meta"]["classes"], settings["feature_images"])
+    picked = first_per_class(index, "val", job.context["classes"], settings["feature_images"])
     files = []
     with job.output() as out:
         for label, rows in picked.items():
@@ -45,5 +45,9 @@ def run(job: Job) -> dict:
                     files.append(name)
         out.add("feature_maps", "feature_maps")
         log.info("drew %d feature-map grids for layers %s", len(files), ", ".join(layers))
-        return out.finish({"layers": layers, "classes": list(picked), "files": len(files),
-                           "images_per_class": {c: len(r) for c, r in picked.items()}})
+        return out.finish(FeatureMapsSummary(layers=layers, classes=list(picked), files=len(files),
+                                             images_per_class={c: len(r) for c, r in picked.items()}))
+
+
+def describe(s: FeatureMapsSummary) -> str:
+    return f"{s.files} grids of layers {', '.join(s.layers)}"

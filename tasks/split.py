@@ -1,118 +1,35 @@
-"""Stage 2: stratified sample per class, then a train/val(/test) split by identity."""
+"""Stage: a stratified sample per class, split train/val(/test) by identity."""
 
 from __future__ import annotations
 
-import numpy as np
-import pandas as pd
-from sklearn.model_selection import train_test_split
-
-from tasks.stage import Job, logger
-
-SPLITS = ("train", "val", "test")
+from tasks.core.stage import Job, Stage, Summary, logger
 
 
-def sample_per_class(table: pd.DataFrame, per_class: int | str, seed: int) -> tuple[pd.DataFrame, list[str]]:
-    """`per_class` rows of each label, chosen by `seed`; a smaller class keeps all rows,
-    and so does every class with per_class 'all'."""
-    table = table.sort_values("path", kind="stable").reset_index(drop=True)  # input order must not matter
-    if per_class == "all":
-        return table.sort_values(["class_index", "path"], kind="stable").reset_index(drop=True), []
-    rng = np.random.default_rng(seed)
-    picked, warnings = [], []
-    for label, rows in table.groupby("class_index", sort=True):
-        name = rows["label"].iloc[0]
-        if len(rows) < per_class:
-            warnings.append(f"class {name} has {len(rows)} images, fewer than per_class={per_class}: keeping all")
-            picked.append(rows)
-        else:
-            picked.append(rows.iloc[np.sort(rng.choice(len(rows), per_class, replace=False))])
-    return pd.concat(picked, ignore_index=True), warnings
+class SplitSummary(Summary):
+    images: int
+    per_class: dict[str, int]
+    per_class_per_split: dict[str, dict[str, int]]
+    identities_per_split: dict[str, int]
+    shared_identities: int
+    split_by: str
+    warnings: list[str]
 
 
-def split_fractions(val_frac: float, test_frac: float) -> dict[str, float]:
-    return {"train": 1.0 - val_frac - test_frac, "val": val_frac, "test": test_frac}
-
-
-def assign_by_identity(table: pd.DataFrame, fractions: dict[str, float], seed: int) -> np.ndarray:
-    """Split label per row such that every identity lies in exactly one split and each
-    class is divided close to `fractions`.
-
-    Written here because scikit-learn's StratifiedGroupKFold only makes 1/k folds and
-    GroupShuffleSplit ignores the classes. Greedy, largest identities first: each goes
-    to the split whose per-class shortfall it fills best.
-    """
-    splits = [s for s in SPLITS if fractions[s] > 0]
-    groups, group_of_row = np.unique(table["identity"].to_numpy(), return_inverse=True)
-    n_classes = int(table["class_index"].max()) + 1
-    counts = np.zeros((len(groups), n_classes))
-    np.add.at(counts, (group_of_row, table["class_index"].to_numpy()), 1)
-    class_total = counts.sum(0)
-    target = np.array([[fractions[s]] for s in splits]) * class_total
-    filled = np.zeros_like(target)
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(len(groups))
-    order = order[np.argsort(-counts[order].sum(1), kind="stable")]
-    split_of_group = np.empty(len(groups), dtype=int)
-    weight = 1.0 / np.maximum(class_total, 1)
-    for g in order:
-        v = counts[g]
-        cost = ((2 * (filled - target) + v) * v * weight).sum(1)
-        best = int(np.argmin(cost))
-        split_of_group[g] = best
-        filled[best] += v
-    return np.array(splits)[split_of_group[group_of_row]]
-
-
-def assign_by_image(table: pd.DataFrame, fractions: dict[str, float], seed: int) -> np.ndarray:
-    """The reference's split: images shuffled per class, ignoring who is in them."""
-    result = np.full(len(table), "train", dtype=object)
-    rest = np.arange(len(table))
-    labels = table["class_index"].to_numpy()
-    remaining = 1.0
-    for name in ("test", "val"):
-        if fractions[name] > 0:
-            rest, held = train_test_split(rest, test_size=fractions[name] / remaining,
-                                          stratify=labels[rest], random_state=seed)
-            result[held] = name
-            remaining -= fractions[name]
-    return result.astype(str)
-
-
-def split_summary(manifest: pd.DataFrame, classes: list[str]) -> dict:
-    per_split = {
-        split: {c: int(n) for c, n in rows["label"].value_counts().reindex(classes, fill_value=0).items()}
-        for split, rows in manifest.groupby("split", sort=False)
-    }
-    splits_per_identity = manifest.groupby("identity")["split"].nunique()
-    return {
-        "images": int(len(manifest)),
-        "per_class": {c: int(n) for c, n in manifest["label"].value_counts().reindex(classes, fill_value=0).items()},
-        "per_class_per_split": {s: per_split[s] for s in SPLITS if s in per_split},
-        "identities_per_split": {s: int(manifest.loc[manifest["split"] == s, "identity"].nunique())
-                                 for s in SPLITS if s in per_split},
-        "shared_identities": int((splits_per_identity > 1).sum()),
-    }
-
-
-def make_manifest(table: pd.DataFrame, classes: list[str], per_class: int | str, seed: int, split_by: str,
-                  val_frac: float, test_frac: float) -> tuple[pd.DataFrame, dict]:
-    sampled, warnings = sample_per_class(table, per_class, seed)
-    fractions = split_fractions(val_frac, test_frac)
-    assign = assign_by_identity if split_by == "identity" else assign_by_image
-    sampled["split"] = assign(sampled, fractions, seed)
-    summary = split_summary(sampled, classes)
-    summary.update(split_by=split_by, warnings=warnings)
-    return sampled, summary
+STAGE = Stage("split", SplitSummary, needs=("extract",), outputs=("manifest",),
+              reads=("per_class", "seed", "split_by", "val_frac", "test_frac"))
 
 
 def run(job: Job) -> dict:
     """Sample and split; write `manifest.parquet` (every sampled image and its split)."""
+    import pandas as pd
+
+    from tasks.data.splitting import make_manifest
+
     log = logger()
     settings = job.settings
     table = pd.read_parquet(job.path("extract", "metadata"))
-    classes = job.upstream["extract"]["meta"]["classes"]
-    manifest, summary = make_manifest(table, classes, settings["per_class"], settings["seed"], settings["split_by"],
-                                      settings["val_frac"], settings["test_frac"])
+    manifest, summary = make_manifest(table, job.context["classes"], settings["per_class"], settings["seed"],
+                                      settings["split_by"], settings["val_frac"], settings["test_frac"])
     for warning in summary["warnings"]:
         log.warning(warning)
     log.info("split %d images by %s: %s; identities shared between splits: %d", summary["images"],
@@ -121,4 +38,30 @@ def run(job: Job) -> dict:
     with job.output() as out:
         manifest.to_parquet(out.path("manifest.parquet"), index=False)
         out.add("manifest", "manifest.parquet")
-        return out.finish(summary, meta={"classes": classes})
+        return out.finish(SplitSummary(**summary))
+
+
+def _rows(s: SplitSummary) -> list[dict]:
+    return [{"class": c, **{split: counts[c] for split, counts in s.per_class_per_split.items()}} for c in s.per_class]
+
+
+def describe(s: SplitSummary) -> str:
+    per_split = {k: sum(v.values()) for k, v in s.per_class_per_split.items()}
+    return f"drawn {sum(s.per_class.values())} ({per_split}), shared identities {s.shared_identities}"
+
+
+def report_section(view) -> list[str]:
+    from tasks.reporting.markdown import escape, table
+
+    s = view.summary
+    drawn = ", ".join(f"{escape(c)} {n}" for c, n in s.per_class.items())
+    return ["## Data", f"Drawn per class: {drawn}; split by {escape(s.split_by)}. Identities shared between "
+                       f"splits: {s.shared_identities}.", table(_rows(s))]
+
+
+def tables(view) -> list:
+    from tasks.reporting.tables import Table
+
+    s = view.summary
+    return [Table("split-counts", _rows(s), f"Images drawn per class per split (split by {s.split_by}; identities "
+                                            f"shared between splits: {s.shared_identities})")]

@@ -12,7 +12,7 @@ import pytest
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
-from tasks.demo import DemoSpec, plan_demo, write_demo  # noqa: E402
+from tasks.data.demo import DemoSpec, plan_demo, write_demo  # noqa: E402
 
 REAL_META = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cacd" / "celebrity2000_meta.mat"
 SMALL = DemoSpec(identities=24, images_per_identity=6, seed=3)

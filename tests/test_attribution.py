@@ -10,25 +10,23 @@ import torch
 from torch import nn
 from torchvision.models import SwinTransformer, VisionTransformer
 
-from tasks.attribution import (
-    GRADIENT_CAMS,
-    as_nchw,
-    cam_layer_of,
-    cam_maps,
-    check_layers,
-    feature_layers_of,
-    guided_backprop,
-    input_gradient,
-    layout,
-    resolve_layer,
-)
-from tasks.errors import DataError
-from tasks.explain import adjacent_classes, explain_batch
-from tasks.featuremaps import layer_outputs
-from tasks.inference import Runtime, model_input, penultimate_features
-from tasks.models import build_model
+from tasks.attribution.cams import GRADIENT_CAMS, cam_maps, guided_backprop
+from tasks.attribution.layers import as_nchw, cam_layer_of, check_layers, feature_layers_of, layout, resolve_layer
+from tasks.core.errors import DataError
+from tasks.attribution.evidence import adjacent_classes, explain_batch
+from tasks.attribution.layers import layer_outputs
+from tasks.model.inference import Runtime, model_input, penultimate_features
+from tasks.model.backbones import build_model
 
 ALL = [*GRADIENT_CAMS, "score_cam"]
+
+
+def input_gradient(model: nn.Module, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The plain gradient of the target scores, which guided backprop must differ from."""
+    with torch.enable_grad():
+        x = x.detach().clone().requires_grad_(True)
+        (gradient,) = torch.autograd.grad(model(x).gather(1, targets.view(-1, 1)).sum(), x)
+    return gradient.detach()
 
 
 def narrow_convnext(seed: int) -> nn.Module:
@@ -94,7 +92,7 @@ def test_every_cam_method_equals_pytorch_grad_cam(convnext, method, targets):
 
 
 def test_all_gradient_methods_come_from_one_pass(convnext, monkeypatch):
-    import tasks.attribution as attribution
+    import tasks.attribution.cams as attribution
 
     calls = []
     real = attribution.activations_and_gradients

@@ -10,7 +10,7 @@ import pytest
 
 from flows.cli import main
 from flows.locks import active_lock, locked
-from flows.server import PrefectServer
+from tests.harness import PrefectServer
 from flows.status import reasons
 
 SPLIT_ONLY = ["--until", "split", "--per-class", "15"]

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from flows.server import REPO, PrefectServer
+from tests.harness import REPO, PrefectServer
 
 TINY = ["--until", "train", "--backbone", "convnext_narrow", "--image-size", "32", "--epochs", "2", "--weights", "none"]
 

@@ -16,7 +16,15 @@ from PIL import Image
 from flows.age_pipeline import age_pipeline
 from flows.cli import main
 from flows.settings import RunSettings
-from tasks.errors import DataError
+from tasks.core.errors import DataError
+
+
+def exit_code(argv: list[str]) -> int:
+    """main's exit code, whether argparse exits or main returns."""
+    try:
+        return main(argv)
+    except SystemExit as exit_info:
+        return exit_info.code
 
 
 def states(result):
@@ -119,9 +127,7 @@ def test_missing_images_are_reported_and_the_rest_kept(prefect_backend, small_ca
     (["run", "--cam-methods", "grad_cam,magic"], "--cam-methods"),
 ])
 def test_bad_options_give_one_line_and_exit_2(argv, message, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    assert exit_info.value.code == 2
+    assert exit_code(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("agelens: error: ") and message in err[0], err
 
@@ -132,7 +138,7 @@ def test_list_options_take_commas_and_presets_yield_to_explicit_options():
     parser = build_parser()
     args = parser.parse_args(["run", "--cam-methods", "grad_cam, layer_cam", "--preset", "demo", "--epochs", "3",
                               "--per-class", "all", "--no-sanity-check"])
-    settings = settings_from(args, parser)
+    settings = settings_from(args)
     assert settings.cam_methods == ["grad_cam", "layer_cam"] and settings.per_class == "all"
     assert (settings.backbone, settings.image_size, settings.epochs) == ("convnext_narrow", 64, 3)
     assert settings.sanity_check is False
@@ -185,7 +191,7 @@ def test_expected_errors_print_no_traceback(small_cacd, tmp_path):
 
 def test_json_output_from_the_command(prefect_backend, small_cacd, tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "flows.age_pipeline", "--data", str(small_cacd / "celebrity2000_meta.mat"),
+        [sys.executable, "-m", "flows", "run", "--data", str(small_cacd / "celebrity2000_meta.mat"),
          "--out", str(tmp_path / "o"), "--until", "split", "--per-class", "10", "--json"],
         capture_output=True, text=True, timeout=300,
     )
@@ -198,22 +204,27 @@ def test_json_output_from_the_command(prefect_backend, small_cacd, tmp_path):
     assert result["settings"]["per_class"] == 10
 
 
-def test_demo_data_is_made_once_and_never_over_a_users_folder(prefect_backend, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # the demo goes to ./data/demo
-    first = age_pipeline(settings=RunSettings(out="a", until="extract"))
-    assert states(first) == {"extract": "Completed"} and first["stages"]["extract"]["summary"]["rows_out"] == 1560
-    image = next(Path("data/demo/CACD2000").iterdir())
+def test_demo_data_is_made_once_in_the_project_and_never_over_a_users_folder(prefect_backend, tmp_path, monkeypatch):
+    from flows.demo import DEMO_FILE, DEMO_ROOT, demo_data
+
+    root = tmp_path / "demo"
+    assert demo_data(root) == str(root / DEMO_FILE)
+    image = next((root / "CACD2000").iterdir())
     made = image.stat().st_mtime_ns
-    assert states(age_pipeline(settings=RunSettings(out="a", until="extract"))) == {"extract": "Cached"}
-    age_pipeline(settings=RunSettings(out="b", until="extract"))  # a new output folder reuses the demo on disk
+    demo_data(root)  # current: reused, not redrawn
     assert image.stat().st_mtime_ns == made
 
-    Path("data/demo").rename("data/mine")
-    Path("data/demo").mkdir()
-    (Path("data/demo") / "precious.txt").write_text("keep me")
+    monkeypatch.chdir(tmp_path)  # the flow finds the project's demo wherever it is started
+    first = age_pipeline(settings=RunSettings(out=str(tmp_path / "a"), until="extract"))
+    assert states(first) == {"extract": "Completed"} and first["stages"]["extract"]["summary"]["rows_out"] == 1560
+    assert (DEMO_ROOT / DEMO_FILE).is_file() and not (tmp_path / "data").exists()
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "precious.txt").write_text("keep me")
     with pytest.raises(DataError, match="was not made by agelens"):
-        age_pipeline(settings=RunSettings(out="c", until="extract"))
-    assert (Path("data/demo") / "precious.txt").read_text() == "keep me"
+        demo_data(mine)
+    assert (mine / "precious.txt").read_text() == "keep me"
 
 
 def test_prefect_ui_offers_every_setting_as_a_form_field():

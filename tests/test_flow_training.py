@@ -9,7 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from flows.age_pipeline import Runner, age_pipeline, run_stage
+from flows.age_pipeline import age_pipeline
+from flows.runner import Runner, run_stage
 from flows.graph import BY_NAME, selected
 from flows.inputs import Inputs, open_memo
 from flows.settings import RunSettings

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from flows.codeversion import ROOT, closure, code_version
-from flows.graph import STAGES, components, content_digest, key_of
+from flows.codeversion import ROOT, closure, forget
+from flows.graph import STAGES, components, content_digest, key_of, stage_code
 from flows.settings import RunSettings
 
 UPSTREAM = {"outputs": {"model": {"file": "model.pt", "sha256": "m1"}, "timings": {"file": "timings.csv"}},
@@ -51,27 +51,32 @@ def _copy_package(tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize("module, helper, dependents", [
-    ("picking", "def first_per_class", {"embed", "featuremaps", "attention", "explain"}),
-    ("inference", "def normalise", {"train", "evaluate", "embed", "featuremaps", "attention", "explain"}),
-    ("markdown", "def escape", {"report"}),
-    ("sources", "def list_images", {"extract"}),
-    ("labels", "def decade_values", {"extract", "evaluate"}),
+    ("data/picking", "def first_per_class", {"embed", "featuremaps", "attention", "explain"}),
+    ("model/inference", "def normalise", {"train", "evaluate", "embed", "featuremaps", "attention", "explain"}),
+    ("reporting/markdown", "def escape", {"report"}),
+    ("reporting/tables", "def class_report_rows", {"report"}),
+    ("data/sources", "def list_images", {"extract"}),
+    ("data/labels", "def decade_values", {"extract", "evaluate"}),
     # Publishing and the learning curve over runs belong to the flow: no stage reruns for them.
-    ("artifacts", "def publish_run", set()),
-    ("plots/runs", "def learning_curve", set()),
-    ("plots/training", "def training_curves", {"train"}),
+    ("reporting/artifacts", "def publish_run", set()),
+    ("reporting/plots/runs", "def learning_curve", set()),
+    ("reporting/plots/training", "def training_curves", {"train"}),
+    # A stage's presentation (how the CLI, the report and the artifacts show it) reruns only the report.
+    ("train", "def describe", {"report"}),
+    ("explain", "def report_section", {"report"}),
+    ("train", "def run", {"train"}),
 ])
 def test_a_helper_edit_changes_exactly_the_stages_that_import_it(tmp_path, module, helper, dependents):
     """Code versions are computed from imports, transitively: edit a helper in a copy of the
     package and compare every stage's code version before and after."""
     root = _copy_package(tmp_path)
-    before = {s.name: code_version(s.module, root) for s in STAGES}
+    before = {s.name: stage_code(s, root) for s in STAGES}
     path = root / "tasks" / f"{module}.py"
     source = path.read_text()
     assert helper in source
     path.write_text(source.replace(helper, f"# edited\n{helper}", 1))
-    code_version.cache_clear(), closure.cache_clear()
-    after = {s.name: code_version(s.module, root) for s in STAGES}
+    forget()
+    after = {s.name: stage_code(s, root) for s in STAGES}
     assert {name for name in before if before[name] != after[name]} == dependents
 
 

@@ -5,7 +5,7 @@ from PIL import Image
 
 from flows.age_pipeline import age_pipeline
 from flows.settings import RunSettings
-from tasks.markdown import escape, table
+from tasks.reporting.markdown import escape, table
 
 HOSTILE = "<img src=x onerror=alert(2)>|x"
 

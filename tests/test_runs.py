@@ -4,11 +4,11 @@ import json
 
 import pytest
 
-from flows import runs
+from flows import publish, runs
 from flows.cli import main
 from flows.preflight import writable_out
 from flows.settings import RunSettings
-from tasks.errors import ConfigError
+from tasks.core.errors import ConfigError
 
 
 def row(run_id, per_class, accuracy, train_images, fingerprint="f1", **settings):
@@ -21,18 +21,18 @@ def row(run_id, per_class, accuracy, train_images, fingerprint="f1", **settings)
 
 def test_since_the_last_run_names_changed_settings_counts_and_metric_deltas():
     before, now = row("aaaaaaaa1", 20, 0.50, 32), row("bbbbbbbb2", 40, 0.62, 64, fingerprint="f2")
-    lines = runs.since_last(before, now)
+    lines = publish.since_last(before, now)
     assert lines[0].startswith("Compared with run aaaaaaaa")
     assert lines[1] == "- settings: per_class 20 → 40"
     assert lines[2] == "- images drawn per class: 10s 20 → 40; 20s 20 → 40 (the data changed)"
     assert lines[3] == "- val: accuracy 0.620 (+0.120), macro_f1 0.520 (+0.120), mae_decades 0.500 (+0.000)"
-    assert runs.since_last(None, now) == ["First recorded run in this output folder."]
+    assert publish.since_last(None, now) == ["First recorded run in this output folder."]
 
 
 def test_learning_curve_points_come_from_runs_with_otherwise_equal_settings():
     history = [row("a", 20, 0.5, 32), row("b", 40, 0.6, 64, fingerprint="f2"), row("c", 40, 0.6, 64, fingerprint="f2"),
                row("d", 40, 0.9, 64, epochs=50), row("e", 80, 0.7, 128, device="cpu", fingerprint="f3")]
-    points = runs.learning_points(history[:-1], history[-1])
+    points = publish.learning_points(history[:-1], history[-1])
     assert sorted((p["train_images"], p["val_accuracy"]) for p in points) == [(32, 0.5), (64, 0.6), (128, 0.7)]
 
 

@@ -3,9 +3,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tasks.errors import DataError
-from tasks.extract import validate
-from tasks.sources import detect_format, list_images, read_source
+from tasks.core.errors import DataError
+from tasks.data.validation import validate
+from tasks.data.sources import detect_format, list_images, read_source
 from tests.conftest import write_mat_v73
 
 

@@ -4,8 +4,13 @@ import json
 
 import pytest
 
-from tasks.hashing import HashMemo
-from tasks.stage import Job, read_result
+from tasks.core.hashing import HashMemo
+from tasks.core.stage import Job, read_result
+from tasks.train import TrainSummary
+
+SUMMARY = TrainSummary(best_epoch=1, best_val_loss=0.5, best_val_acc=0.8, epochs=1, resumed_from_epoch=0,
+                       train_images=10, val_images=4, device="cpu", bf16=False, training_seconds=1.0,
+                       train_images_per_s=10.0)
 
 
 def test_stage_folder_appears_complete_or_not_at_all(tmp_path):
@@ -23,7 +28,7 @@ def test_stage_folder_appears_complete_or_not_at_all(tmp_path):
         out.path("timings.csv").write_text("epoch,seconds\n1,2.5\n")
         out.add("model", "model.pt")
         out.add("timings", "timings.csv", keyed=False)
-        result = out.finish({"best_epoch": 1}, meta={"classes": ["a", "b"]})
+        result = out.finish(SUMMARY, meta={"classes": ["a", "b"]})
         assert not job.folder.exists()
     assert (job.folder / "model.pt").read_bytes() == b"weights" and not job.scratch.exists()
     assert json.loads((job.folder / "parameters.json").read_text()) == {"settings": {"epochs": 3}}
@@ -32,7 +37,7 @@ def test_stage_folder_appears_complete_or_not_at_all(tmp_path):
 
 
 def test_file_hashes_are_remembered_by_size_and_mtime(tmp_path, monkeypatch):
-    import tasks.hashing as hashing
+    import tasks.core.hashing as hashing
 
     data = tmp_path / "big.bin"
     data.write_bytes(b"x" * 1000)

@@ -1,5 +1,5 @@
 """A real Prefect server on 127.0.0.1 with its own home (database), for tests, benchmarks and
-the UI screenshot script."""
+the UI screenshot script (not part of agelens itself)."""
 
 from __future__ import annotations
 
@@ -88,6 +88,11 @@ class PrefectServer:
         return self.run(str(Path(sys.executable).with_name("prefect")), *args)
 
     def api(self, method: str, path: str, **kwargs):
-        response = httpx.request(method, f"{self.url}{path}", timeout=30, **kwargs)
+        """One API call; a 503 (SQLite busy under load) is retried a few times, as Prefect's client does."""
+        for attempt in range(5):
+            response = httpx.request(method, f"{self.url}{path}", timeout=30, **kwargs)
+            if response.status_code != 503 or attempt == 4:
+                break
+            time.sleep(1 + attempt)
         response.raise_for_status()
         return response.json()

@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
-from tasks.errors import DataError
+from tasks.core.errors import DataError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -23,24 +23,46 @@ if TYPE_CHECKING:
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 CACD_FILE = re.compile(r"^(\d+)_(.+)_(\d+)\.[A-Za-z]+$")
+HEADER_BYTES = 65536  # enough for any CSV header line
 
 
 class Listing(NamedTuple):
-    files: set[str]  # '/'-separated paths relative to the image root
+    files: set[str]  # '/'-separated paths relative to the image root, regular files only
     outside_root: set[str]  # symlinks (files or folders) that lead outside the root: not followed
+    special: set[str] = set()  # FIFOs, sockets, devices: never read (reading a FIFO would hang)
+    bad_names: tuple[str, ...] = ()  # names that are not UTF-8, shown escaped: skipped
 
 
-def list_images(root: Path) -> Listing:
-    """Every file below `root`, in one scan (no stat per plain file). A symlink is followed
-    only when its target stays inside the root; the others are reported, not read."""
+def _utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+        return True
+    except UnicodeEncodeError:  # os.scandir hands undecodable bytes over as lone surrogates
+        return False
+
+
+def is_output_folder(path: Path) -> bool:
+    """A folder agelens writes into (it holds `.agelens/`): never part of a data set."""
+    return (path / ".agelens").is_dir()
+
+
+def list_images(root: Path, exclude=()) -> Listing:
+    """Every regular file below `root`, in one scan (no stat per plain file). A symlink is
+    followed only when its target stays inside the root; the others are reported, not read.
+    Folders in `exclude` and output folders of agelens are skipped, so an `--out` inside the
+    image root never changes the listing."""
     root = Path(root).resolve()
-    files, outside, visited = set(), set(), {root}
+    skip = {Path(p).resolve() for p in exclude}
+    files, outside, special, bad, visited = set(), set(), set(), [], {root}
     todo = [(root, "")]
     while todo:
         folder, prefix = todo.pop()
         with os.scandir(folder) as entries:
             for entry in entries:
                 if entry.name.startswith("."):
+                    continue
+                if not _utf8(entry.name):
+                    bad.append((prefix + entry.name).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"))
                     continue
                 relative = prefix + entry.name
                 if entry.is_symlink():
@@ -50,16 +72,22 @@ def list_images(root: Path) -> Listing:
                     if not target.is_relative_to(root):
                         outside.add(relative)
                     elif target.is_dir():
-                        if target not in visited:
+                        if target not in visited and target not in skip and not is_output_folder(target):
                             visited.add(target)
                             todo.append((target, relative + "/"))
-                    else:
+                    elif target.is_file():
                         files.add(relative)
+                    else:
+                        special.add(relative)
                 elif entry.is_dir(follow_symlinks=False):
-                    todo.append((Path(entry.path), relative + "/"))
-                else:
+                    path = Path(entry.path)
+                    if path not in skip and not is_output_folder(path):
+                        todo.append((path, relative + "/"))
+                elif entry.is_file(follow_symlinks=False):
                     files.add(relative)
-    return Listing(files, outside)
+                else:
+                    special.add(relative)
+    return Listing(files, outside, special, tuple(sorted(bad)))
 
 
 def detect_format(path: Path) -> str:
@@ -68,9 +96,11 @@ def detect_format(path: Path) -> str:
         return "folders"
     if not path.exists():
         raise DataError(f"metadata not found: {path}")
+    if not path.is_file():
+        raise DataError(f"metadata {path} is not a regular file (a FIFO, socket or device is never read)")
     try:
         with open(path, "rb") as handle:
-            head = handle.read(4096)
+            head = handle.read(HEADER_BYTES)
     except OSError as error:
         raise DataError(f"cannot read metadata {path}: {error.strerror}") from error
     import h5py
@@ -79,10 +109,8 @@ def detect_format(path: Path) -> str:
         return "mat-v73"
     if head.startswith(b"MATLAB 5.0"):
         return "mat-v5"
-    try:
-        first_line = head.decode("utf-8-sig").splitlines()[0]
-    except (UnicodeDecodeError, IndexError):
-        first_line = ""
+    # Only the header line matters; a character cut by the read limit must not reject the file.
+    first_line = head.split(b"\n", 1)[0].decode("utf-8-sig", errors="replace").rstrip("\r")
     columns = {c.strip().strip('"').lower() for c in first_line.split(",")}
     if {"path", "age"} <= columns:
         return "csv"
@@ -100,10 +128,12 @@ def default_image_root(source: Path, fmt: str) -> Path:
     return source.parent
 
 
-def read_source(path: Path, fmt: str) -> "pd.DataFrame":
+def read_source(path: Path, fmt: str, listing: Listing | None = None) -> "pd.DataFrame":
     """Raw rows: `path` (relative to the image root) and whichever of age, identity,
     year, birth, rank, lfw, name and label the source has."""
-    readers = {"mat-v5": read_mat_v5, "mat-v73": read_mat_v73, "csv": read_csv, "folders": read_label_folders}
+    if fmt == "folders":
+        return read_label_folders(path, listing)
+    readers = {"mat-v5": read_mat_v5, "mat-v73": read_mat_v73, "csv": read_csv}
     return readers[fmt](path)
 
 
@@ -201,15 +231,20 @@ def read_csv(path: Path) -> "pd.DataFrame":
     return table
 
 
-def read_label_folders(root: Path) -> "pd.DataFrame":
+def read_label_folders(root: Path, listing: Listing | None = None) -> "pd.DataFrame":
+    """One row per image file in a label folder (`<root>/<label>/<image>`). Links leading outside
+    the root and entries that are not regular files are listed too (validation drops and counts
+    them, never reads them); output folders of agelens and names that are not UTF-8 are left out."""
     import pandas as pd
 
+    skip = set(listing.bad_names) if listing else set()
     rows = []
     for entry in sorted(os.scandir(root), key=lambda e: e.name):
-        if not entry.is_dir() or entry.name.startswith("."):
+        if not entry.is_dir() or entry.name.startswith(".") or not _utf8(entry.name) or is_output_folder(Path(entry.path)):
             continue
         for image in sorted(os.scandir(entry.path), key=lambda e: e.name):
-            if image.is_file() and Path(image.name).suffix.lower() in IMAGE_SUFFIXES:
+            if _utf8(image.name) and Path(image.name).suffix.lower() in IMAGE_SUFFIXES and \
+                    not image.is_dir(follow_symlinks=False) and f"{entry.name}/{image.name}" not in skip:
                 rows.append((f"{entry.name}/{image.name}", entry.name))
     if not rows:
         raise DataError(f"{root} holds no label folders with images (expected e.g. {root}/20s/*.jpg)")

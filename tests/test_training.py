@@ -7,13 +7,13 @@ import pytest
 import torch
 from sklearn.metrics import classification_report, confusion_matrix
 
-from tasks.errors import DataError
-from tasks.evaluate import classification_metrics
-from tasks.inference import Runtime
-from tasks.models import build_model, last_linear_name, minimum_image_size
-from tasks.train import augment, fit
+from tasks.core.errors import DataError
+from tasks.model.metrics import classification_metrics
+from tasks.model.inference import Runtime
+from tasks.model.backbones import build_model, last_linear_name, minimum_image_size
+from tasks.model.training import augment, fit
 
-SETTINGS = {"epochs": 3, "batch_size": 16, "lr": 1e-3, "seed": 4, "max_steps": None}
+SETTINGS = {"epochs": 3, "batch_size": 16, "lr": 1e-3, "seed": 4, "max_steps": None, "eval_batch_size": 64}
 
 
 @pytest.mark.parametrize("backbone, head", [
@@ -50,8 +50,11 @@ def test_weights_that_do_not_fit_name_the_keys(tmp_path):
     with pytest.raises(DataError, match="weights file not found"):
         build_model("resnet18", 6, str(tmp_path / "absent.pth"))
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(DataError, match="cannot read weights file"):
+    with pytest.raises(DataError, match="is not a PyTorch state dict .* it looks like text"):
         build_model("resnet18", 6, str(tmp_path / "junk.pth"))
+    (tmp_path / "cut.pth").write_bytes((tmp_path / "resnet.pth").read_bytes()[:5000])  # a download cut short
+    with pytest.raises(DataError, match="cannot read weights file"):
+        build_model("resnet18", 6, str(tmp_path / "cut.pth"))
 
 
 def test_offline_imagenet_stops_before_any_work(prefect_backend, small_cacd, tmp_path, monkeypatch):
@@ -96,7 +99,7 @@ def _toy_data(seed=0, n=96, size=32):  # ConvNeXt needs at least 32 px
 
 
 def test_killed_training_resumes_to_the_same_weights(tmp_path, monkeypatch):
-    import tasks.train as train
+    import tasks.model.training as train
 
     images, labels = _toy_data()
     rows = np.arange(len(labels))

@@ -5,7 +5,10 @@ from __future__ import annotations
 import numpy as np
 from matplotlib.figure import Figure
 
-from tasks.plots.base import TEXT, as_visible, image_row, overlay
+from tasks.reporting.plots.base import TEXT, as_visible, image_row, overlay
+
+CAM_NAMES = {"grad_cam": "Grad-CAM", "hirescam": "HiResCAM", "grad_cam_plus_plus": "Grad-CAM++",
+             "xgrad_cam": "XGradCAM", "layer_cam": "LayerCAM", "score_cam": "ScoreCAM"}
 
 
 def channel_grid(maps: np.ndarray, title: str) -> Figure:
@@ -19,10 +22,10 @@ def channel_grid(maps: np.ndarray, title: str) -> Figure:
     return fig
 
 
-def explanation_strip(image: np.ndarray, cam: np.ndarray, guided: np.ndarray, guided_cam: np.ndarray,
-                      title: str) -> Figure:
-    """original | Grad-CAM overlay | guided backprop | guided Grad-CAM."""
-    return image_row([(image, "original"), (overlay(image, cam), "Grad-CAM"),
+def explanation_strip(image: np.ndarray, cam: np.ndarray, cam_method: str, guided: np.ndarray,
+                      guided_cam: np.ndarray, title: str) -> Figure:
+    """original | CAM overlay (Grad-CAM unless another method comes first) | guided backprop | guided Grad-CAM."""
+    return image_row([(image, "original"), (overlay(image, cam), CAM_NAMES.get(cam_method, cam_method)),
                       (as_visible(guided), "guided backprop"), (as_visible(guided_cam), "guided Grad-CAM")], title)
 
 

@@ -1,10 +1,10 @@
 import pandas as pd
 import pytest
 
-from tasks.errors import DataError
-from tasks.extract import validate
-from tasks.labels import decade_label, label_order
-from tasks.sources import Listing
+from tasks.core.errors import DataError
+from tasks.data.validation import validate
+from tasks.data.labels import decade_label, label_order
+from tasks.data.sources import Listing
 
 
 def table(rows):
@@ -29,7 +29,7 @@ def test_each_validation_reason_is_counted_and_rows_kept_in_order():
     assert kept["label"].tolist() == ["20s", "60s"]
     assert kept["class_index"].tolist() == [0, 1]
     assert summary["dropped"] == {"unsafe_path": 3, "age_out_of_range": 3, "duplicate_path": 1,
-                                  "symlink_outside_root": 0, "missing_image": 1}
+                                  "symlink_outside_root": 0, "not_a_regular_file": 0, "missing_image": 1}
     assert summary["dropped_examples"]["missing_image"] == ["gone.jpg"]
     assert summary["rows_in"] == 10 and summary["rows_out"] == 2
     assert summary["per_class"] == {"20s": 1, "60s": 1}
@@ -37,7 +37,7 @@ def test_each_validation_reason_is_counted_and_rows_kept_in_order():
 
 def test_zero_usable_rows_stops_with_the_reasons():
     raw = table([["a.jpg", 200, 1], ["b.jpg", 30, 1]])
-    with pytest.raises(DataError, match="no usable rows: 1 age out of range, 1 missing image"):
+    with pytest.raises(DataError, match="no usable rows among 2: 1 age out of range, 1 missing image"):
         validate(raw, Listing({"a.jpg"}, set()))
 
 

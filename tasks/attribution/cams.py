@@ -1,6 +1,5 @@
-"""Attribution for any torchvision classifier: CAM methods behind one interface, guided
-backpropagation, and the layers they read (defaults per model family, layouts from the
-model's structure).
+"""CAM methods behind one interface, guided backpropagation and guided Grad-CAM, for any
+torchvision classifier (the layer they read comes from tasks/attribution/layers.py).
 
 Written here rather than taken from pytorch-grad-cam or Captum: pytorch-grad-cam computes one
 method per forward/backward pass and its guided backprop replaces modules (ReLU only); Captum's
@@ -10,145 +9,18 @@ method against pytorch-grad-cam and guided backprop against Captum.
 
 from __future__ import annotations
 
-import math
-from contextlib import ExitStack, contextmanager
-
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models import ConvNeXt, EfficientNet, ResNet, SwinTransformer, VisionTransformer
-from torchvision.ops.misc import Permute
 
-from tasks.errors import DataError
+from tasks.attribution.layers import as_nchw, capture, layout, resolve_layer
+from tasks.core.errors import DataError
+from tasks.data.arrays import batch_rows, batches
+from tasks.model.inference import model_input
 
 # Activations whose output is positive exactly where their input is positive.
 GATED = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.LeakyReLU, nn.ELU, nn.Hardswish)
-
-# family: (CAM layer, feature-map layers). ViT's last block only feeds the class token
-# forward, so its CAM reads the tokens entering that block's attention (ln_1), as
-# pytorch-grad-cam recommends.
-FAMILY_LAYERS = {
-    "convnext": ("features.-1", ("features.0", "features.5", "features.-1")),
-    "resnet": ("layer4", ("layer1", "layer3", "layer4")),
-    "efficientnet": ("features.-1", ("features.1", "features.4", "features.-1")),
-    "vit": ("encoder.layers.-1.ln_1", ("conv_proj", "encoder.layers.0", "encoder.layers.-1.ln_1")),
-    "swin": ("features.-1", ("features.0", "features.3", "features.-1")),
-}
-FAMILIES = {ConvNeXt: "convnext", ResNet: "resnet", EfficientNet: "efficientnet", VisionTransformer: "vit",
-            SwinTransformer: "swin"}
-
-
-def family(model: nn.Module) -> str | None:
-    return next((name for cls, name in FAMILIES.items() if isinstance(model, cls)), None)
-
-
-def cam_layer_of(model: nn.Module, setting: str) -> str:
-    """`setting`, or for 'auto' the family's last stage."""
-    if setting != "auto":
-        return setting
-    known = family(model)
-    if known is None:
-        raise DataError(f"no default CAM layer for {type(model).__name__}: pass --cam-layer")
-    return FAMILY_LAYERS[known][0]
-
-
-def feature_layers_of(model: nn.Module, setting: list[str]) -> list[str]:
-    if list(setting) != ["auto"]:
-        return list(setting)
-    known = family(model)
-    if known is None:
-        raise DataError(f"no default feature-map layers for {type(model).__name__}: pass --feature-layers")
-    return list(FAMILY_LAYERS[known][1])
-
-
-def _child(module: nn.Module, part: str, spec: str, model: nn.Module) -> nn.Module:
-    try:
-        return module[int(part)] if part.lstrip("-").isdigit() else getattr(module, part)
-    except (AttributeError, IndexError, TypeError):
-        raise DataError(f"layer {spec!r} not found in {type(model).__name__} (at {part!r})") from None
-
-
-def resolve_layer(model: nn.Module, spec: str) -> nn.Module:
-    """'features.-1' -> model.features[-1]; numeric parts index (negatives too), others are attributes."""
-    module = model
-    for part in spec.split("."):
-        module = _child(module, part, spec, model)
-        if not isinstance(module, nn.Module):
-            raise DataError(f"layer {spec!r} of {type(model).__name__} is not a module")
-    return module
-
-
-def _layout_after(module: nn.Module, layout: str) -> str:
-    """The layout a module hands on, given the one it receives: Permute modules switch it, a
-    Sequential applies its children in order, any other module keeps it (a ConvNeXt block
-    permutes inside and back)."""
-    if isinstance(module, Permute):
-        return {(0, 2, 3, 1): "nhwc", (0, 3, 1, 2): "nchw"}.get(tuple(module.dims), layout)
-    if isinstance(module, nn.Sequential):
-        for child in module:
-            layout = _layout_after(child, layout)
-    return layout
-
-
-def layout(model: nn.Module, spec: str) -> str:
-    """'nchw', 'nhwc' or 'tokens' (N, 1 + h*w, C): decided from the modules that run before the
-    layer (the model's and every Sequential's children run in order), never from a shape."""
-    if isinstance(model, VisionTransformer):
-        return "tokens" if spec.split(".")[0] == "encoder" else "nchw"
-    current, module = "nchw", model
-    for part in spec.split("."):
-        child = _child(module, part, spec, model)
-        if module is model or isinstance(module, nn.Sequential):
-            for sibling in module.children():
-                if sibling is child:
-                    break
-                current = _layout_after(sibling, current)
-        module = child
-    return _layout_after(module, current)
-
-
-def as_nchw(output, kind: str, spec: str) -> torch.Tensor:
-    """A layer's output as (N, C, H, W), or one clear error."""
-    if isinstance(output, torch.Tensor) and kind == "tokens" and output.dim() == 3:
-        n, tokens, channels = output.shape
-        side = math.isqrt(tokens - 1)
-        if side * side == tokens - 1:  # drop the class token, lay the patches out as a grid
-            return output[:, 1:].reshape(n, side, side, channels).permute(0, 3, 1, 2)
-    if isinstance(output, torch.Tensor) and output.dim() == 4 and kind in ("nchw", "nhwc"):
-        return output.permute(0, 3, 1, 2) if kind == "nhwc" else output
-    shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
-    raise DataError(f"layer {spec!r} outputs {shape}, not an image-shaped map; pick a convolutional stage")
-
-
-@contextmanager
-def capture(module: nn.Module):
-    """Record the module's output on each forward (hook removed afterwards)."""
-    store: dict = {}
-    handle = module.register_forward_hook(lambda m, i, o: store.__setitem__("output", o))
-    try:
-        yield store
-    finally:
-        handle.remove()
-
-
-def check_layers(model: nn.Module, specs: list[str], image_size: int) -> list[str]:
-    """Every problem with `specs` on this model at this input size (one dummy forward)."""
-    problems, found = [], {}
-    for spec in specs:
-        try:
-            found[spec] = (resolve_layer(model, spec), layout(model, spec))
-        except DataError as error:
-            problems.append(str(error))
-    with ExitStack() as stack, torch.no_grad():
-        stores = {spec: stack.enter_context(capture(module)) for spec, (module, _) in found.items()}
-        model.eval()(torch.zeros(1, 3, image_size, image_size))
-    for spec, store in stores.items():
-        try:
-            as_nchw(store.get("output"), found[spec][1], spec)
-        except DataError as error:
-            problems.append(str(error))
-    return problems
-
 
 # CAM methods: each combines the layer's activations A and the gradients G of the target
 # score (both (N, C, h, w)) into a raw map (N, h, w), as pytorch-grad-cam defines them.
@@ -291,8 +163,17 @@ def guided_grad_cam(guided: torch.Tensor, cams: torch.Tensor) -> torch.Tensor:
     return guided * cams[:, None]
 
 
-def input_gradient(model: nn.Module, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    with torch.enable_grad():
-        x = x.detach().clone().requires_grad_(True)
-        (gradient,) = torch.autograd.grad(model(x).gather(1, targets.view(-1, 1)).sum(), x)
-    return gradient.detach()
+def mean_maps(model, array: np.ndarray, picked: dict[str, np.ndarray], cam_layer: str, runtime, batch_size: int
+              ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """({class: mean Grad-CAM (H, W)}, {class: mean image (H, W, 3) uint8}), batch by batch."""
+    heats, faces = {}, {}
+    for label, rows in picked.items():
+        heat, face = 0.0, 0.0
+        for _, batch in batches(array, batch_rows(rows, batch_size), runtime.device):
+            with runtime.autocast():  # the precision the model was trained in
+                maps, _, _ = cam_maps(model, model_input(batch, runtime), cam_layer, ["grad_cam"])
+            heat = heat + maps["grad_cam"].sum(0).cpu().numpy()
+            face = face + batch.float().sum(0).cpu().numpy()
+        heats[label] = heat / len(rows)
+        faces[label] = (face / len(rows)).astype(np.uint8)
+    return heats, faces

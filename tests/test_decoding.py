@@ -5,9 +5,9 @@ import pytest
 import torch
 from PIL import Image
 
-from tasks.arrays import batch_rows, batches
-from tasks.decode import decode_into, decode_one
-from tasks.train import epoch_plan
+from tasks.data.arrays import batch_rows, batches
+from tasks.data.decoding import decode_into, decode_one
+from tasks.model.training import epoch_plan
 
 
 @pytest.fixture

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from tasks.errors import DataError
-from tasks.stage import write_json
+from tasks.core.errors import DataError
+from tasks.core.stage import write_json
 
 IMAGE_SIZE = 250
 YEARS = tuple(range(2004, 2014))
@@ -178,14 +178,6 @@ def write_demo(root: Path, spec: DemoSpec) -> dict:
     decades = np.bincount([min(r["age"], 100) // 10 for r in rows], minlength=11)
     return {"images": len(rows), "identities": spec.identities,
             "per_decade": {f"{10 * d}s": int(n) for d, n in enumerate(decades) if n}}
-
-
-def decade_counts(spec: DemoSpec) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for row in plan_demo(spec):
-        label = f"{min(row['age'], 100) // 10 * 10}s"
-        counts[label] = counts.get(label, 0) + 1
-    return counts
 
 
 def make_demo(root: Path, spec: DemoSpec, stamp: dict, stamp_name: str) -> dict:

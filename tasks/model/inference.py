@@ -9,10 +9,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from tasks.arrays import batch_rows, batches
-from tasks.errors import DataError
-from tasks.models import build_model, last_linear_name
-from tasks.stage import Job
+from tasks.data.arrays import batch_rows, batches
+from tasks.core.errors import DataError
+from tasks.model.backbones import build_model, last_linear_name
+from tasks.core.stage import Job
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -92,13 +92,12 @@ def prepare(model: torch.nn.Module, runtime: Runtime) -> torch.nn.Module:
 
 def runtime_for(job: Job) -> Runtime:
     """The device from the run's settings; precision and layout as the model was trained."""
-    trained = job.upstream["train"]["meta"]
-    return Runtime.resolve(job.settings["device"], trained["precision"], trained["channels_last"])
+    return Runtime.resolve(job.settings["device"], job.context["precision"], job.context["channels_last"])
 
 
 def load_trained(job: Job, runtime: Runtime) -> torch.nn.Module:
-    meta = job.upstream["train"]["meta"]
-    model = build_model(meta["backbone"], len(meta["classes"]), image_size=meta["image_size"])
+    facts = job.context
+    model = build_model(facts["backbone"], len(facts["classes"]), image_size=facts["image_size"])
     model.load_state_dict(load_file(job.path("train", "model")))
     return prepare(model, runtime).eval()
 

@@ -9,7 +9,7 @@ import torch
 import torchvision
 from torch import nn
 
-from tasks.errors import DataError
+from tasks.core.errors import DataError
 
 PRETRAINED = "IMAGENET1K_V1"  # the reference's weights
 
@@ -62,12 +62,30 @@ def ensure_pretrained(backbone: str) -> Path:
     return target
 
 
+def weights_format(path: Path) -> str:
+    """'safetensors' or 'torch' from the file's first bytes, or one clear error for anything else."""
+    with open(path, "rb") as handle:
+        head = handle.read(16)
+    if len(head) >= 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < 100 << 20:
+        return "safetensors"
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":  # torch.save's zip, or a legacy pickle
+        return "torch"
+    try:
+        head.decode("utf-8")
+        looks = "it looks like text"
+    except UnicodeDecodeError:
+        looks = f"it starts with bytes {head[:8].hex(' ')}"
+    raise DataError(f"weights file {path} is not a PyTorch state dict (.pth/.pt, as torch.save writes) nor a "
+                    f".safetensors file: {looks}")
+
+
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"weights file not found: {path}")
+    kind = weights_format(path)
     try:
-        if path.suffix == ".safetensors":
+        if kind == "safetensors":
             from safetensors.torch import load_file
 
             state = load_file(path)
@@ -83,7 +101,11 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _load_strict(model: nn.Module, state: dict, source: Path, backbone: str) -> None:
-    own = model.state_dict()
+    _load_strict_keys(model.state_dict(), state, source, backbone)
+    model.load_state_dict(state)
+
+
+def _load_strict_keys(own: dict, state: dict, source: Path, backbone: str) -> None:
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     wrong = [k for k in own if k in state and state[k].shape != own[k].shape]
@@ -91,7 +113,6 @@ def _load_strict(model: nn.Module, state: dict, source: Path, backbone: str) -> 
         parts = [f"{len(v)} {label} (e.g. {', '.join(v[:3])})" for label, v in
                  (("missing keys", missing), ("unexpected keys", unexpected), ("keys of another shape", wrong)) if v]
         raise DataError(f"weights file {source} does not fit {backbone}: " + "; ".join(parts))
-    model.load_state_dict(state)
 
 
 def convnext_narrow(**kwargs) -> nn.Module:
@@ -115,6 +136,28 @@ def _instantiate(backbone: str, image_size: int | None) -> nn.Module:
     # A ViT's position embeddings are sized for one input size.
     extra = {"image_size": image_size} if backbone.startswith("vit_") and image_size else {}
     return torchvision.models.get_model(backbone, weights=None, **extra)
+
+
+def check_weights(backbone: str, path: Path, image_size: int) -> None:
+    """The weights file fits `backbone` apart from its classifier (sized once the classes are known)."""
+    model = _instantiate(backbone, image_size)
+    state = read_state_dict(path)
+    head = last_linear_name(model)
+    body = {k: v for k, v in model.state_dict().items() if not k.startswith(head + ".")}
+    _load_strict_keys(body, {k: v for k, v in state.items() if not k.startswith(head + ".")}, path, backbone)
+
+
+def size_problem(backbone: str, image_size: int) -> str | None:
+    """Why `backbone` cannot run at `image_size`, or None."""
+    if backbone.startswith("vit_"):
+        patch = int(backbone.rsplit("_", 1)[-1])
+        if image_size % patch:
+            return (f"{backbone} needs an image size that is a multiple of its patch size {patch} "
+                    f"(e.g. {max(patch, image_size // patch * patch)} or {(image_size // patch + 1) * patch})")
+    smallest = minimum_image_size(backbone, image_size)
+    if smallest is not None:
+        return f"{image_size} is too small for {backbone}: it needs at least {smallest}"
+    return None
 
 
 def minimum_image_size(backbone: str, image_size: int) -> int | None:
@@ -151,8 +194,9 @@ def build_model(backbone: str, num_classes: int, weights: str | None = None, ima
         return replace_last_linear(model, num_classes)
     source = ensure_pretrained(backbone) if weights == "imagenet" else Path(weights)
     state = read_state_dict(source)
-    head = last_linear_name(model) + ".weight"
-    if head in state and state[head].shape[0] == num_classes != model.get_submodule(head[:-7]).out_features:
+    head = last_linear_name(model)
+    trained_head = state.get(f"{head}.weight")
+    if trained_head is not None and trained_head.shape[0] == num_classes != model.get_submodule(head).out_features:
         replace_last_linear(model, num_classes)
         _load_strict(model, state, source, backbone)
         return model

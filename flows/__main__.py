@@ -1,0 +1,7 @@
+"""`python -m flows ...` is `agelens ...`."""
+
+import sys
+
+from flows.cli import main
+
+sys.exit(main())

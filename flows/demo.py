@@ -1,0 +1,47 @@
+"""The built-in demo data set: drawn faces in CACD's format, generated into `data/demo` of the
+project on first use and regenerated only when its spec or code changes."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from flows.codeversion import ROOT, code_version
+
+DEMO_ROOT = ROOT / "data" / "demo"
+DEMO_STAMP = ".agelens-demo.json"
+DEMO_FILE = "celebrity2000_meta.mat"
+
+
+def demo_is_current(root: Path, stamp: dict) -> bool:
+    """True when `root` holds a complete demo made from this spec by this code."""
+    try:
+        found = json.loads((root / DEMO_STAMP).read_text())
+    except (OSError, ValueError):
+        return False
+    return {k: found.get(k) for k in stamp} == stamp and "summary" in found
+
+
+def demo_stamp() -> dict:
+    from tasks.data.demo import DemoSpec
+
+    return {"spec": asdict(DemoSpec()), "code": code_version("tasks.data.demo")}
+
+
+def demo_data(root: Path = DEMO_ROOT) -> str:
+    """The demo's metadata file, generated first when missing or out of date."""
+    from prefect import get_run_logger, task
+
+    from tasks.data.demo import DemoSpec, make_demo
+
+    stamp = demo_stamp()
+    if not demo_is_current(root, stamp):
+        @task(name="demo")
+        def make_demo_data() -> dict:
+            summary = make_demo(root, DemoSpec(**stamp["spec"]), stamp, DEMO_STAMP)
+            get_run_logger().info("demo dataset: %d images in %s", summary["images"], root)
+            return summary
+
+        make_demo_data()
+    return str(root / DEMO_FILE)

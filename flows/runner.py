@@ -1,0 +1,92 @@
+"""Walking the stage graph: each stage a Prefect task cached by its key, under a file lock.
+
+A stage's Prefect cache record lives inside its own folder (`<out>/<stage>/<key>/.prefect-result`),
+so deleting the folder forces a rerun. Before a stage runs, the Runner takes a file lock on its
+key, so two runs into one `--out` compute each stage once and the second reads what the first
+wrote. Stage modules are imported only by the stages that run, so a fully cached run never
+imports torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import shutil
+import uuid
+from contextlib import ExitStack
+from dataclasses import asdict
+from pathlib import Path
+
+from prefect import task
+
+from flows.graph import components, context, key_of, levels
+from flows.inputs import Inputs
+from flows.locks import locked, stage_lock
+from tasks.core.stage import Job, damage, read_result
+
+
+def record_key(context, parameters: dict) -> str:
+    """Where Prefect keeps a stage's cache record: inside the stage's own folder."""
+    job = parameters["job"]
+    return f"{job['stage']}/{job['key']}/.prefect-result"
+
+
+def run_stage(job: dict) -> dict:
+    """Run one stage (its module's `run(job)`), unless its folder is already complete."""
+    work = Job(**job)
+    done = read_result(work.out, work.stage, work.key)  # complete, but Prefect's record was lost
+    if done is not None:
+        return done
+    return importlib.import_module(f"tasks.{work.stage}").run(work)
+
+
+def stage_task(name: str, out: Path):
+    return task(run_stage, name=name, cache_key_fn=record_key, persist_result=True, result_serializer="json",
+                result_storage=out)
+
+
+class Runner:
+    """Walks the graph: keys from this run's inputs and upstream results, one lock per key."""
+
+    def __init__(self, settings, out: Path, inputs: Inputs, log=None):
+        self.settings, self.out, self.inputs, self.log = settings, out, inputs, log
+        self.results: dict[str, dict] = {}
+        self.states: dict[str, str] = {}
+
+    def job(self, stage) -> Job:
+        handles = {name: self.inputs.get(name, self.results, str(self.out)) for name in stage.inputs}
+        parts = components(stage, self.settings, self.results, handles)
+        values = self.settings.dump()
+        return Job(stage=stage.name, key=key_of(parts), out=str(self.out),
+                   settings={name: values[name] for name in (*stage.reads, *stage.uses)},
+                   upstream={name: self.results[name] for name in stage.needs},
+                   context=context(stage, self.results), inputs=handles, components=parts)
+
+    def discard_if_damaged(self, job: Job) -> None:
+        """A stage folder with missing or changed outputs is removed (Prefect's record of it
+        with it), so the stage is computed again instead of served."""
+        problem = damage(self.out, job.stage, job.key, self.inputs.memo.file)
+        if problem:
+            if self.log:
+                self.log.warning("%s: the stored result is damaged (%s); computing it again", job.stage, problem)
+            doomed = job.folder.with_name(f"{job.key}.tmp-damaged-{uuid.uuid4().hex[:8]}")
+            os.replace(job.folder, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
+
+    def run(self, stages, after_level=None) -> None:
+        for level in levels(stages):
+            with ExitStack() as held:
+                started = []
+                for stage in sorted(level, key=lambda s: s.name):  # one lock order for every run
+                    job = self.job(stage)
+                    held.enter_context(locked(stage_lock(self.out, stage.name, job.key)))
+                    for leftover in (self.out / stage.name).glob(f"{job.key}.tmp-*"):  # a killed run's
+                        shutil.rmtree(leftover, ignore_errors=True)
+                    self.discard_if_damaged(job)
+                    started.append((stage.name, stage_task(stage.name, self.out).submit(job=asdict(job))))
+                for name, future in started:
+                    future.wait()
+                    self.results[name] = future.result()  # re-raises the stage's own error
+                    self.states[name] = future.state.name
+            if after_level:
+                after_level(self.results)

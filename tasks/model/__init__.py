@@ -1,0 +1,1 @@
+"""Model helpers: backbones, running a model on a device, training, metrics and projections."""

@@ -1,0 +1,1 @@
+"""Reporting helpers: markdown, tables, figures and Prefect artifacts."""
