@@ -16,6 +16,7 @@ changes again.
 
 from __future__ import annotations
 
+import re
 import time
 from datetime import datetime, timezone
 
@@ -64,6 +65,12 @@ def pipeline_runs(pipeline: str, settings: RunSettings, since: float) -> list:
     return [r for r in found
             if isinstance(r.parameters.get("settings"), dict) and RunSettings(**r.parameters["settings"]).dump() == wanted
             and not (r.state_type == StateType.SCHEDULED and r.expected_start_time and r.expected_start_time > soon)]
+
+
+def failure_of(run) -> str:
+    """What a failed run said, without Prefect's wrapping ("Flow run encountered an exception: X: ...")."""
+    message = (run.state.message if run.state else None) or run.state_type.value
+    return re.sub(r"^Flow run encountered an exception: (\w+Error: )?", "", message)
 
 
 def failing_report(asked: dict, pipeline: str) -> str:
@@ -116,7 +123,7 @@ def watch_data(settings: RunSettings = RunSettings(), pipeline: str = "age-pipel
                      time.time() - asked["time"])
             return report
         if failed:
-            asked["last_error"] = (failed[0].state.message if failed[0].state else None) or failed[0].state_type.value
+            asked["last_error"] = failure_of(failed[0])
         if asked["attempts"] >= max_attempts:
             log.warning("retraining on data %s failed %d times since %s; not asking again until the data changes "
                         "(last error: %s)", data[:8], asked["attempts"], asked["since"], asked.get("last_error"))

@@ -142,31 +142,40 @@ def test_growth_below_the_cap_retrains_on_the_grown_data(server, dataset, tmp_pa
     assert event["payload"]["fingerprint"] == rows[1]["fingerprint"]
 
 
-def test_a_failed_retraining_is_retried_at_the_next_watch(server, dataset, tmp_path_factory):
+def test_a_failing_retraining_is_asked_for_again_then_given_up_until_the_data_changes(server, dataset,
+                                                                                       tmp_path_factory):
+    """Every image unreadable: each retraining fails. The watcher sees the failed run (it does not
+    wait for it), asks again, gives up after max_attempts and says so in an artifact; the worker's
+    log shows the expected error as one line; fixed data is retrained at once."""
     out = tmp_path_factory.mktemp("retry-out")
     dataset["grow"](21)
     agelens(server, "deploy", "--data", str(dataset["csv"]), "--out", str(out), "--per-class", "20", "--name", "retry",
-            *TINY)
+            *TINY[:1], "decode", *TINY[2:])
     saved = dataset["root"] / "faces-saved"
     shutil.copytree(dataset["faces"], saved)
     try:
-        for image in dataset["faces"].iterdir():  # every image unreadable: decode fails, so does the run
+        for image in dataset["faces"].iterdir():
             image.write_bytes(b"broken")
         with server.worker("agelens-process"):
-            watch(server, "watch-data/retry")
-            assert triggered(server, "age-pipeline/retry", 1)[0]["state_type"] == "FAILED"
-            watch(server, "watch-data/retry")  # asked a moment ago: not asked again within min_interval
+            for attempt in (1, 2, 3):
+                watch(server, "watch-data/retry", max_attempts=3)  # no waiting for a run that failed
+                assert triggered(server, "age-pipeline/retry", attempt)[-1]["state_type"] == "FAILED"
+            watch(server, "watch-data/retry", max_attempts=3)
             time.sleep(3)
-            assert len(flow_runs(server, "age-pipeline/retry")) == 1
-            watch(server, "watch-data/retry", min_interval=0)  # the next watch interval: asked again
-            assert triggered(server, "age-pipeline/retry", 2)[1]["state_type"] == "FAILED"
+            assert len(flow_runs(server, "age-pipeline/retry")) == 3  # given up
+            failing = server.api("POST", "/artifacts/filter", json={"artifacts": {"key": {"any_": [
+                "agelens-retry-retraining"]}}})
+            assert failing and "3 attempts" in failing[0]["data"] and "could be decoded" in failing[0]["data"]
             shutil.rmtree(dataset["faces"])
-            shutil.copytree(saved, dataset["faces"])  # fixed
-            watch(server, "watch-data/retry", min_interval=0)
-            assert triggered(server, "age-pipeline/retry", 3)[2]["state_type"] == "COMPLETED"
-            watch(server, "watch-data/retry", min_interval=0)  # retrained: quiet again
+            shutil.copytree(saved, dataset["faces"])  # fixed: the data changed, so it is asked for again
+            watch(server, "watch-data/retry", max_attempts=3)
+            assert triggered(server, "age-pipeline/retry", 4)[-1]["state_type"] == "COMPLETED"
+            watch(server, "watch-data/retry", max_attempts=3)  # retrained: quiet again
             time.sleep(3)
-            assert len(flow_runs(server, "age-pipeline/retry")) == 3
+            assert len(flow_runs(server, "age-pipeline/retry")) == 4
+        log = (server.home / "worker-agelens-process.log").read_text()
+        assert log.count("agelens: error: no image of the sample could be decoded") == 3
+        assert "Traceback" not in log and "DataError:" not in log
     finally:
         shutil.rmtree(dataset["faces"])
         shutil.copytree(saved, dataset["faces"])
