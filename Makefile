@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: demo test bench clean-artifacts
+.PHONY: demo test test-all browser bench clean-artifacts
 
 $(BIN)/agelens: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -15,8 +15,19 @@ $(BIN)/agelens: pyproject.toml
 demo: $(BIN)/agelens
 	$(BIN)/agelens run --preset demo
 
-test: $(BIN)/agelens
+# Tests marked slow (real Prefect servers and workers) run where CI is set: `.ci/run` sets it.
+test: $(BIN)/agelens browser
 	$(BIN)/python -m pytest -q
+
+test-all: $(BIN)/agelens browser
+	CI=1 $(BIN)/python -m pytest -q
+
+# Headless Chromium, for the test that looks at Prefect's UI; installed where apt-get can (as root).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  { apt-get install -y -q chromium >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && \
+	    apt-get install -y -q chromium >/dev/null 2>&1; }; }; } || \
+	  echo "chromium is not installed: the test of the UI will be skipped (apt-get install chromium)"
 
 # Smoke runs of every benchmark (each prints what it compared, on which machine, and the ratio).
 bench: $(BIN)/agelens

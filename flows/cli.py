@@ -98,7 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.debug:
         os.environ["AGELENS_DEBUG"] = "1"  # the flow then keeps Prefect's tracebacks too
     try:
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
+        sys.stdout.flush()  # a reader that closed the pipe early shows here, not at exit
+        return code
     except AgelensError as error:
         if args.debug:
             raise

@@ -42,7 +42,7 @@ class RunSettings(BaseModel):
     out: str = Field("artifacts", description="where outputs, cache records and the run table go")
     until: StageName = Field("report", description="stop after this stage")
     # sampling and split
-    per_class: Annotated[int, Field(ge=1)] | Literal["all"] = Field(200, description="images drawn per decade, or all")
+    per_class: Annotated[int, Field(ge=1, le=10**9)] | Literal["all"] = Field(200, description="images drawn per decade, or all")
     seed: int = Field(0, ge=0, lt=2**32, description="sampling, split, initialisation and augmentation")
     split_by: Literal["identity", "image"] = Field("identity", description="image reproduces the reference's leaky split")
     val_frac: float = Field(0.2, gt=0, lt=1, description="share of each class for validation")
@@ -51,8 +51,8 @@ class RunSettings(BaseModel):
     backbone: str = Field("convnext_tiny", description="a torchvision classifier, or convnext_narrow")
     weights: str = Field("auto", description="auto (ImageNet for real data, none for the demo), imagenet, none, or a "
                                              ".pth/.safetensors state dict")
-    epochs: int = Field(5, ge=1, le=10_000)
-    batch_size: int = Field(32, ge=1, le=65_536)
+    epochs: int = Field(5, ge=1, le=10_000, description="training epochs; the one with the lowest val loss is kept")
+    batch_size: int = Field(32, ge=1, le=65_536, description="training batch size")
     lr: float = Field(1e-4, gt=0, le=10, description="Adam's learning rate")
     max_steps: int | None = Field(None, ge=1, le=10**9, description="at most this many batches per epoch, of training and "
                                                           "of validation (benchmarks and smoke runs)")
@@ -64,12 +64,14 @@ class RunSettings(BaseModel):
     # embedding, feature maps, explanations
     embed_images: int = Field(5000, ge=10, le=1_000_000, description="at most this many train+val images are projected "
                                                        "(a seeded, class-stratified draw)")
-    tsne_perplexity: float = Field(30.0, gt=0, le=1000)
+    tsne_perplexity: float = Field(30.0, gt=0, le=1000, description="t-SNE's perplexity (capped below the "
+                                                                     "sample size)")
     feature_layers: list[str] = Field(["auto"], description="layers for feature maps (dotted, negative indices "
                                                             "from the end); auto: the backbone family's")
     feature_images: int = Field(9, ge=1, le=1000, description="val images per class for feature maps")
     feature_channels: int = Field(8, ge=1, le=256, description="channels per feature-map grid")
-    cam_layer: str = Field("auto", description="layer for CAM methods; auto: the backbone family's last stage")
+    cam_layer: str = Field("auto", description="layer for CAM methods; auto: the family's deepest stage whose map "
+                                                "has at least 4x4 cells at this image size")
     cam_methods: list[CamMethod] = Field(["grad_cam", "hirescam", "grad_cam_plus_plus", "xgrad_cam", "layer_cam"],
                                          description="CAM methods to compute; score_cam costs one forward pass "
                                                      "per channel")
@@ -148,3 +150,16 @@ def parse_settings(values: dict) -> RunSettings:
         raise ConfigError("; ".join(f"{name}: {' or '.join(dict.fromkeys(messages))}"
                                     + (f" (got {given[name]!r})" if name in given else "")
                                     for name, messages in problems.items())) from None
+
+
+def options_table() -> str:
+    """The README's table of run options, from the fields above (the README must match it)."""
+    rows = ["| option | default | meaning |", "|---|---|---|"]
+    for name, field in RunSettings.model_fields.items():
+        default = field.default if field.default_factory is None else field.default_factory()
+        shown = ",".join(default) if isinstance(default, list) else default
+        shown = {None: "none", True: "on", False: "off"}.get(shown, shown) if not isinstance(shown, (int, float)) or \
+            isinstance(shown, bool) else shown
+        flag = f"`{option(name)}`" if field.annotation is not bool else f"`{option(name)}` / `--no-{option(name)[2:]}`"
+        rows.append(f"| {flag} | {shown} | {(field.description or '').replace('|', '/')} |")
+    return "\n".join(rows)

@@ -14,6 +14,16 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 from tasks.data.demo import DemoSpec, plan_demo, write_demo  # noqa: E402
 
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked slow (a real server and worker, minutes each) run in CI, or with CI=1."""
+    if os.environ.get("CI"):
+        return
+    skip = pytest.mark.skip(reason="slow: runs in CI; CI=1 make test runs it here")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
 REAL_META = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cacd" / "celebrity2000_meta.mat"
 SMALL = DemoSpec(identities=24, images_per_identity=6, seed=3)
 
@@ -24,6 +34,15 @@ def prefect_backend():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    """A real Prefect server (a process of its own, like a user's), shared by the tests that need one."""
+    from tests.harness import PrefectServer
+
+    with PrefectServer(tmp_path_factory.mktemp("prefect-home")) as running:
+        yield running
 
 
 @pytest.fixture(scope="session")

@@ -101,6 +101,31 @@ def test_all_gradient_methods_come_from_one_pass(convnext, monkeypatch):
     assert len(calls) == 1 and set(maps) == set(GRADIENT_CAMS)
 
 
+@pytest.mark.parametrize("size, layer, side", [(32, "features.3", 4), (64, "features.5", 4), (224, "features.-1", 7)])
+def test_the_automatic_cam_layer_keeps_a_usable_resolution(convnext, size, layer, side):
+    """At 32 px ConvNeXt's last stage is 1x1 and at 64 px 2x2: every CAM method then draws the same
+    blob. The automatic choice goes back a stage at a time until the map has 4 cells a side."""
+    from tasks.attribution.layers import map_sides
+
+    assert cam_layer_of(convnext, "auto", size) == layer
+    assert map_sides(convnext, [layer], size)[layer] == side
+    assert cam_layer_of(convnext, "features.-1", size) == "features.-1"  # a layer given by name is kept
+    if size == 32:
+        maps = explain_batch(convnext, torch.rand(3, 3, 32, 32), layer, ["grad_cam", "layer_cam"])["maps"]
+        assert not np.allclose(maps["grad_cam"], maps["layer_cam"], atol=1e-3)  # methods can differ again
+
+
+def test_preflight_names_the_cam_layer_and_warns_when_it_is_coarse():
+    from flows.preflight import check_model_settings
+    from flows.settings import RunSettings
+
+    notes = check_model_settings(RunSettings(backbone="convnext_narrow", image_size=64), {"explain"})
+    assert notes == ["CAM layer features.5 (chosen for 64 px): a 4x4 map"]
+    notes = check_model_settings(RunSettings(backbone="convnext_narrow", image_size=64, cam_layer="features.-1"),
+                                 {"explain"})
+    assert notes[0].startswith("CAM layer features.-1 (given by --cam-layer; at 64 px): a 2x2 map, coarser than 4x4")
+
+
 @pytest.mark.parametrize("name", ["convnext", "resnet", "efficientnet", "vit", "swin"])
 def test_each_family_is_explained_with_its_default_layer(name):
     model = small_family_models()[name].eval()

@@ -10,7 +10,6 @@ import pytest
 
 from flows.cli import main
 from flows.locks import active_lock, locked
-from tests.harness import PrefectServer
 from flows.status import reasons
 
 SPLIT_ONLY = ["--until", "split", "--per-class", "15"]
@@ -85,12 +84,6 @@ def test_gc_keeps_what_recent_runs_used_and_removes_leftovers(prefect_backend, s
     assert (out / "split" / last).exists()
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with PrefectServer(tmp_path_factory.mktemp("prefect-home")) as running:
-        yield running
-
-
 def test_two_runs_into_one_folder_both_succeed_with_what_a_solo_run_makes(server, small_cacd, tmp_path):
     meta = str(small_cacd / "celebrity2000_meta.mat")
     options = ["--data", meta, "--until", "train", "--backbone", "convnext_narrow", "--image-size", "32",
@@ -119,3 +112,116 @@ def test_two_runs_into_one_folder_both_succeed_with_what_a_solo_run_makes(server
     assert not list(shared.glob("*/*.tmp-*")) and not list(shared.glob("train/*.partial"))
     rows = (shared / "runs" / "runs.jsonl").read_text().splitlines()
     assert len(rows) == 2 and {json.loads(r)["run_id"] for r in rows} == {r["run"]["run_id"] for r in results}
+
+
+def csv_dataset(small_cacd: Path, root: Path) -> Path:
+    """The CACD fixture as images + CSV in `root` (path, age, identity)."""
+    import scipy.io
+
+    meta = scipy.io.loadmat(small_cacd / "celebrity2000_meta.mat")["celebrityImageData"][0, 0]
+    root.mkdir(parents=True)
+    os.rename(small_cacd / "CACD2000", root / "faces")
+    lines = ["path,age,identity"] + [f"faces/{n[0]},{int(a)},{int(i)}" for n, a, i in
+                                     zip(meta["name"].ravel(), meta["age"].ravel(), meta["identity"].ravel())]
+    (root / "data.csv").write_text("\n".join(lines) + "\n")
+    return root / "data.csv"
+
+
+def test_out_inside_the_image_root_is_cached(prefect_backend, small_cacd, tmp_path, monkeypatch, capsys):
+    """`cd ds; agelens run --data data.csv`: the default --out (artifacts) lies inside the image root."""
+    csv = csv_dataset(small_cacd, tmp_path / "ds")
+    monkeypatch.chdir(tmp_path / "ds")
+    for _ in range(3):
+        assert main(["run", "--data", "data.csv", *SPLIT_ONLY]) == 0
+    assert all(row["cached"] for row in status_rows(capsys, "--data", str(csv), *SPLIT_ONLY).values())
+    rows = [json.loads(line) for line in (tmp_path / "ds" / "artifacts" / "runs" / "runs.jsonl").read_text().splitlines()]
+    assert [r["states"] for r in rows[1:]] == [{"extract": "Cached", "split": "Cached"}] * 2
+
+
+TRAIN_TINY = ["--until", "train", "--backbone", "convnext_narrow", "--image-size", "32", "--epochs", "1",
+              "--weights", "none", "--per-class", "12"]
+
+
+def test_damaged_outputs_are_noticed_and_recomputed(prefect_backend, small_cacd, tmp_path, capsys):
+    meta, out = str(small_cacd / "celebrity2000_meta.mat"), tmp_path / "o"
+    options = ["--data", meta, "--out", str(out), *TRAIN_TINY]
+    assert main(["run", *options, "--json"]) == 0
+    first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    model = Path(first["stages"]["train"]["outputs"]["model"])
+    manifest = Path(first["stages"]["split"]["outputs"]["manifest"])
+    weights = model.read_bytes()
+
+    model.unlink()  # a deleted output
+    assert status_rows(capsys, *options)["train"]["reasons"] == ["damaged: its output model.safetensors is missing"]
+    manifest.write_bytes(bytes(len(manifest.read_bytes())))  # corrupt: same name and size, other bytes
+    (out / ".cache" / "file-hashes.sqlite").write_bytes(b"garbage, not a database" * 100)  # a damaged memo
+    with open(out / "runs" / "runs.jsonl", "a") as handle:
+        handle.write('["a line of the wrong shape"]\n{"run_id": 3}\n')
+    rows = status_rows(capsys, *options)
+    assert rows["split"]["reasons"] == ["damaged: its output manifest.parquet was changed after it was written"]
+    assert main(["run", *options, "--json"]) == 0
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {s: again["stages"][s]["state"] for s in again["stages"]} == \
+        {"extract": "Cached", "split": "Completed", "decode": "Cached", "train": "Completed"}
+    assert model.read_bytes() == weights  # recomputed to the same weights
+    assert all(row["cached"] for row in status_rows(capsys, *options).values())
+    assert main(["runs", "--out", str(out)]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 3  # header and the two runs
+
+
+def test_new_bytes_under_a_restored_mtime_are_noticed(prefect_backend, small_cacd, tmp_path):
+    from flows.age_pipeline import age_pipeline
+    from flows.settings import RunSettings
+
+    settings = RunSettings(data=str(small_cacd / "celebrity2000_meta.mat"), out=str(tmp_path / "o"), until="decode",
+                           per_class="all", image_size=16)
+    first = age_pipeline(settings=settings)
+    image = sorted((small_cacd / "CACD2000").iterdir())[0]
+    before = image.stat()
+    data = bytearray(image.read_bytes())
+    data[200:260] = bytes(255 - b for b in data[200:260])  # new bytes, same size
+    image.write_bytes(bytes(data))
+    os.utime(image, ns=(before.st_atime_ns, before.st_mtime_ns))  # mtime restored, as `touch -r` would
+    assert image.stat().st_size == before.st_size and image.stat().st_mtime_ns == before.st_mtime_ns
+    second = age_pipeline(settings=settings)
+    assert second["stages"]["decode"]["state"] == "Completed"
+    assert second["stages"]["decode"]["key"] != first["stages"]["decode"]["key"]
+
+
+@pytest.fixture
+def read_only(tmp_path):
+    """Make folders immutable (even for root) with chattr; undone afterwards."""
+    made = []
+
+    def make(path: Path) -> None:
+        proc = subprocess.run(["chattr", "-R", "+i", str(path)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            pytest.skip(f"chattr cannot make {path} read-only here: {proc.stderr.strip()}")
+        made.append(path)
+
+    yield make
+    for path in made:
+        subprocess.run(["chattr", "-R", "-i", str(path)], check=True)
+
+
+def test_a_read_only_out_can_be_read(prefect_backend, small_cacd, tmp_path, capsys, read_only):
+    meta, out = str(small_cacd / "celebrity2000_meta.mat"), tmp_path / "o"
+    assert main(["run", "--data", meta, "--out", str(out), *SPLIT_ONLY]) == 0
+    read_only(out)
+    assert all(row["cached"] for row in status_rows(capsys, "--data", meta, "--out", str(out), *SPLIT_ONLY).values())
+    assert main(["gc", "--out", str(out), "--keep-last", "0", "--dry-run"]) == 0
+    assert "would remove" in capsys.readouterr().out
+    assert main(["gc", "--out", str(out), "--keep-last", "0"]) == 1
+    assert capsys.readouterr().err.strip().endswith("gc removes nothing")
+    assert main(["runs", "--out", str(out)]) == 0
+
+
+def test_gc_keep_last_zero_removes_every_stage_folder(prefect_backend, small_cacd, tmp_path, capsys):
+    meta, out = str(small_cacd / "celebrity2000_meta.mat"), tmp_path / "o"
+    assert main(["run", "--data", meta, "--out", str(out), *SPLIT_ONLY]) == 0
+    capsys.readouterr()
+    assert main(["gc", "--out", str(out), "--keep-last", "1", "--dry-run"]) == 0
+    assert "would remove 0 items" in capsys.readouterr().out
+    assert main(["gc", "--out", str(out), "--keep-last", "0"]) == 0
+    assert "removed 4 items" in capsys.readouterr().out  # two stage folders and their lock files
+    assert not [p for p in (out / "split").iterdir()] and not [p for p in (out / "extract").iterdir()]

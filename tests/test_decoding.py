@@ -60,3 +60,45 @@ def test_batches_yield_exactly_the_rows_asked_for_in_the_seeded_order():
         assert torch.equal(batch, torch.from_numpy(array[rows]))
     assert len(epoch_plan(split_rows, 4, 2, torch.Generator().manual_seed(7))) == 2  # --max-steps
     assert [len(b) for b in batch_rows(split_rows, 5)] == [5, 5, 3]
+
+
+def test_16_bit_and_float_images_are_scaled_not_clipped(tmp_path):
+    grey = np.full((20, 20), 32768, dtype=np.uint16)  # mid-grey in 16 bits
+    Image.fromarray(grey).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode.startswith("I")
+    assert abs(int(decode_one(tmp_path / "g16.png", 8).mean()) - 128) <= 1
+    Image.fromarray(np.full((20, 20), 0.25, dtype=np.float32)).save(tmp_path / "f.tiff")
+    assert abs(int(decode_one(tmp_path / "f.tiff", 8).mean()) - 64) <= 1
+
+
+def test_a_full_disk_is_one_clear_error(tmp_path, monkeypatch):
+    import errno
+    import os
+    import shutil
+    from collections import namedtuple
+
+    import tasks.data.decoding as decoding
+    from tasks.core.errors import DataError
+
+    paths = []
+    for i in range(40):
+        Image.new("RGB", (10, 10), (i, i, i)).save(tmp_path / f"{i}.png")
+        paths.append(f"{i}.png")
+    real = os.pwrite
+    calls = []
+
+    def full(fd, data, offset):
+        calls.append(offset)
+        if len(calls) > 5:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(decoding.os, "pwrite", full)
+    (tmp_path / "out").mkdir()
+    with pytest.raises(DataError, match=f"the disk holding {tmp_path / 'out'} is full: decoding needs 0.00 GB there"):
+        decode_into(tmp_path / "out" / "a.u8", paths, tmp_path, 16, 2)
+    Usage = namedtuple("Usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: Usage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(DataError, match=r"not enough disk space in .*: decoding 40 images at 224 px needs 0.01 GB, "
+                                        r"0.00 GB are free"):
+        decoding.check_space(tmp_path / "out", 40, 224)

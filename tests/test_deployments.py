@@ -13,15 +13,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from tests.harness import REPO, PrefectServer
+from tests.harness import REPO
 
 TINY = ["--until", "train", "--backbone", "convnext_narrow", "--image-size", "32", "--epochs", "2", "--weights", "none"]
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with PrefectServer(tmp_path_factory.mktemp("prefect-home")) as running:
-        yield running
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +134,10 @@ def test_growth_below_the_cap_retrains_on_the_grown_data(server, dataset, tmp_pa
     assert rows[1]["states"]["train"] == "Completed"  # trained on the grown data
     event = emitted(server)[0]
     assert event["payload"]["fingerprint"] == rows[1]["fingerprint"]
+    # Artifacts of this deployment's runs have keys of their own, apart from other configurations'.
+    reports = server.api("POST", "/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [runs[1]["id"]]}}})
+    assert "agelens-grow-run-report" in {a["key"] for a in reports}
+    assert "agelens-run-report" not in {a["key"] for a in reports}
 
 
 def test_a_failing_retraining_is_asked_for_again_then_given_up_until_the_data_changes(server, dataset,

@@ -182,6 +182,8 @@ def test_every_run_publishes_its_report_and_tables_even_when_cached(run):
     report = by_key["agelens-run-report"].data
     study = Path(result["stages"]["report"]["outputs"]["report"]).read_text()
     assert report.startswith(study.rstrip()) and "## Since the last run" in report
+    assert Path(result["run"]["report"]).read_text() == report  # the file has what the UI shows
+    assert "## Runs in this output folder (newest first)" in report
     # curves, heatmap, PCA, t-SNE, attention, 4 strips, faithfulness, randomisation
     assert report.count("data:image/png;base64,") >= 11
     drawn = result["stages"]["split"]["summary"]["per_class"]

@@ -1,6 +1,11 @@
-"""The stage graph: keys from content, settings read and transitive code; never paths or noise."""
+"""The stage graph: keys from content, settings read and transitive code; never paths or noise; a new
+stage is one module and one line of the graph."""
 
+import json
+import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -84,3 +89,81 @@ def test_no_stage_imports_another_stage():
     stages = {s.module for s in STAGES}
     for stage in STAGES:
         assert not (set(closure(stage.module)) - {stage.module}) & stages, stage.name
+
+
+TOY = '''"""Stage: the number of drawn images per split (a toy, to show what adding a stage takes)."""
+
+from tasks.core.stage import Job, Stage, Summary
+
+
+class ToySummary(Summary):
+    images: int
+    per_split: dict[str, int]
+
+
+STAGE = Stage("toy", ToySummary, needs=("split",), reads=("seed",), outputs=("counts",))
+
+
+def run(job: Job) -> dict:
+    import pandas as pd
+
+    manifest = pd.read_parquet(job.path("split", "manifest"))
+    with job.output() as out:
+        manifest["split"].value_counts().to_csv(out.path("counts.csv"))
+        out.add("counts", "counts.csv")
+        return out.finish(ToySummary(images=len(manifest), per_split=manifest["split"].value_counts().to_dict()))
+
+
+def describe(s: ToySummary) -> str:
+    return f"toy counted {s.images} images"
+
+
+def report_section(view) -> list[str]:
+    return ["## Toy", f"The toy counted {view.summary.images} drawn images."]
+'''
+
+REPORT_OF_TOY = """
+import json, sys
+from pathlib import Path
+from flows.graph import BY_NAME
+from tasks.core.stage import Job
+from tasks.report import study_report
+out = Path(sys.argv[1])
+result = json.loads(sys.argv[2])
+assert "toy" in BY_NAME["report"].needs, BY_NAME["report"].needs
+results = {name: json.loads((out / name / stage["key"] / "result.json").read_text())
+           for name, stage in result["stages"].items()}
+facts = {k: v for r in results.values() for k, v in r["meta"].items()}
+job = Job(stage="report", key="k", out=str(out), upstream=results, context=facts)
+print(study_report(job))
+"""
+
+
+def test_a_new_stage_is_one_module_and_one_line_of_the_graph(server, small_cacd, tmp_path):
+    """A toy stage added to a copy of the package: one new module, one line in flows/graph.py;
+    it then runs, is cached, and shows in `agelens status`, the CLI summary and the report."""
+    root = _copy_package(tmp_path / "copy")
+    (root / "tasks" / "toy.py").write_text(TOY)
+    graph = root / "flows" / "graph.py"
+    before = graph.read_text()
+    graph.write_text(before.replace('    "split",\n', '    "split",\n    "toy",\n', 1))
+    assert len(graph.read_text().splitlines()) == len(before.splitlines()) + 1
+    env = {**server.env, "PYTHONPATH": str(root)}
+    options = ["--data", str(small_cacd / "celebrity2000_meta.mat"), "--out", str(tmp_path / "o"), "--until", "toy",
+               "--per-class", "10"]
+
+    def agelens(*args):
+        proc = subprocess.run([sys.executable, "-m", "flows", *args], cwd=root, env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout
+
+    summary = agelens("run", *options)
+    assert re.search(r"^toy +Completed +toy counted 60 images$", summary, re.M), summary
+    assert re.search(r"^toy +cached$", agelens("status", *options), re.M)
+    result = json.loads(agelens("run", *options, "--json").strip().splitlines()[-1])
+    assert result["stages"]["toy"]["state"] == "Cached" and result["stages"]["toy"]["summary"]["images"] == 60
+    report = subprocess.run([sys.executable, "-c", REPORT_OF_TOY, str(tmp_path / "o"), json.dumps(result)], cwd=root,
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert report.returncode == 0, report.stderr[-3000:]
+    assert "## Toy\n\nThe toy counted 60 drawn images." in report.stdout

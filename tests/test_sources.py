@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -117,3 +118,89 @@ def test_symlinks_are_followed_only_inside_the_image_root(tmp_path):
     assert sorted(table["path"]) == ["20s/a.jpg", "30s/b.jpg", "shared/b.jpg"]
     assert summary["dropped"]["symlink_outside_root"] == 2 and summary["dropped"]["missing_image"] == 0
     assert sorted(summary["dropped_examples"]["symlink_outside_root"]) == ["20s/d.jpg", "40s/c.jpg"]
+
+
+def _faces(root: Path, names: list[str]) -> None:
+    from PIL import Image
+
+    root.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        Image.new("RGB", (8, 8), (90, 90, 90)).save(root / name)
+
+
+def test_file_names_that_are_not_utf8_are_skipped_and_counted(prefect_backend, tmp_path):
+    from flows.age_pipeline import age_pipeline
+    from flows.settings import RunSettings
+
+    for label in ("10s", "20s"):
+        _faces(tmp_path / "folders" / label, ["a.png", "b.png"])
+    def write_bad(folder: Path) -> None:  # a name in Latin-1, as an old camera or archive may leave
+        with open(os.fsencode(folder) + b"/\xff\xfeodd.png", "wb") as handle:
+            handle.write(b"x")
+
+    write_bad(tmp_path / "folders" / "10s")
+    (tmp_path / "folders" / "30s").mkdir()  # a label folder whose name is fine, holding a bad name only
+    write_bad(tmp_path / "folders" / "30s")
+    listing = list_images(tmp_path / "folders")
+    assert listing.files == {"10s/a.png", "10s/b.png", "20s/a.png", "20s/b.png"}
+    assert listing.bad_names == ("10s/\\xff\\xfeodd.png", "30s/\\xff\\xfeodd.png")
+    result = age_pipeline(settings=RunSettings(data=str(tmp_path / "folders"), out=str(tmp_path / "o"), until="split",
+                                               per_class=2, val_frac=0.5))
+    summary = result["stages"]["extract"]["summary"]
+    assert summary["rows_out"] == 4 and summary["skipped_name_count"] == 2
+
+    _faces(tmp_path / "csv" / "faces", ["a.png", "b.png", "c.png", "d.png"])
+    write_bad(tmp_path / "csv" / "faces")
+    (tmp_path / "csv" / "labels.csv").write_text("path,age\nfaces/a.png,15\nfaces/b.png,17\nfaces/c.png,25\n"
+                                                 "faces/d.png,27\n")
+    result = age_pipeline(settings=RunSettings(data=str(tmp_path / "csv" / "labels.csv"), out=str(tmp_path / "o"),
+                                               until="extract"))
+    assert result["stages"]["extract"]["summary"]["rows_out"] == 4
+
+
+def test_a_csv_header_is_read_whatever_the_bytes_after_it(tmp_path):
+    """A multi-byte character cut by the amount read to recognise the format must not matter."""
+    header = b"path,age,note\n"
+    for cut in (4096, 65536):
+        for pad in (0, 1):  # one of the two puts the cut inside a two-byte character
+            raw = header + b"faces/a.jpg,30," + b"a" * pad + "é".encode() * cut + b"\n"
+            if raw[cut] == "é".encode()[1]:
+                break
+        assert raw[cut - 1:cut + 1] == "é".encode()
+        (tmp_path / "labels.csv").write_bytes(raw)
+        assert detect_format(tmp_path / "labels.csv") == "csv"
+
+
+def test_special_files_are_never_read(tmp_path):
+    import os
+
+    _faces(tmp_path / "faces", ["a.png", "b.png", "c.png"])
+    os.mkfifo(tmp_path / "faces" / "pipe.png")
+    (tmp_path / "faces" / "link.png").symlink_to(tmp_path / "faces" / "pipe.png")
+    listing = list_images(tmp_path / "faces")
+    assert listing.files == {"a.png", "b.png", "c.png"} and listing.special == {"pipe.png", "link.png"}
+    raw = pd.DataFrame({"path": ["a.png", "b.png", "c.png", "pipe.png", "link.png"], "age": [15, 25, 35, 45, 55]})
+    table, summary = validate(raw, listing)
+    assert summary["dropped"]["not_a_regular_file"] == 2 and len(table) == 3
+    os.mkfifo(tmp_path / "meta.csv")
+    with pytest.raises(DataError, match="is not a regular file"):
+        detect_format(tmp_path / "meta.csv")
+    from tasks.core.hashing import HashMemo
+
+    with HashMemo(None) as memo, pytest.raises(OSError, match="not a regular file"):
+        memo.file(tmp_path / "faces" / "pipe.png")
+
+
+def test_output_folders_inside_the_image_root_are_not_listed(tmp_path):
+    _faces(tmp_path / "ds" / "faces", ["a.png"])
+    _faces(tmp_path / "ds" / "artifacts" / "explain", ["strip_0.png"])
+    (tmp_path / "ds" / "artifacts" / ".agelens").mkdir()
+    _faces(tmp_path / "ds" / "mine", ["b.png"])
+    assert list_images(tmp_path / "ds").files == {"faces/a.png", "mine/b.png"}
+    assert list_images(tmp_path / "ds", exclude=[tmp_path / "ds" / "mine"]).files == {"faces/a.png"}
+
+
+def test_a_header_only_csv_says_so(tmp_path):
+    (tmp_path / "labels.csv").write_text("path,age\n")
+    with pytest.raises(DataError, match=r"the metadata has no rows \(a header and nothing else\?\)"):
+        validate(read_source(tmp_path / "labels.csv", "csv"), list_images(tmp_path))
