@@ -37,7 +37,7 @@ from bench.train_throughput import ensure_images  # noqa: E402
 from flows.graph import BY_NAME  # noqa: E402
 from flows.settings import RunSettings  # noqa: E402
 from tasks import attention, explain  # noqa: E402
-from tasks.reporting.plots import base, explanations  # noqa: E402
+from tasks.reporting.plots import grids  # noqa: E402
 from tasks.attribution.cams import cam_maps, guided_backprop, guided_grad_cam  # noqa: E402
 from tasks.attribution.layers import resolve_layer  # noqa: E402
 from tasks.data.decoding import decode_into  # noqa: E402
@@ -68,9 +68,10 @@ def before(model_path: Path, backbone: str, image_size: int, array: np.ndarray, 
     maps, targets = maps_of(model)
     for i, row in enumerate(rows):
         image = np.asarray(array[row])
-        base.save(explanations.explanation_strip(image, maps["grad_cam"][i], "grad_cam", maps["guided_backprop"][i].transpose(1, 2, 0),
+        grids.save(grids.explanation_strip(image, maps["grad_cam"][i], "grad_cam",
+                                           maps["guided_backprop"][i].transpose(1, 2, 0),
                                            maps["guided_grad_cam"][i].transpose(1, 2, 0), "title"),
-                   folder / f"strip_{i}.png", dpi=90)
+                   folder / f"strip_{i}.png")
         np.savez_compressed(folder / f"maps_{i}.npz", image=image, **{m: v[i] for m, v in maps.items()})
     randomised = copy.deepcopy(model)
     torch.manual_seed(0)

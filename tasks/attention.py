@@ -23,7 +23,7 @@ def run(job: Job) -> dict:
     from tasks.data.arrays import open_decoded
     from tasks.data.picking import first_per_class
     from tasks.model.inference import load_trained, runtime_for
-    from tasks.reporting.plots import base, explanations
+    from tasks.reporting.plots import grids
 
     log = logger()
     settings = job.settings
@@ -36,9 +36,8 @@ def run(job: Job) -> dict:
     counts = {c: len(r) for c, r in picked.items()}
     log.info("mean Grad-CAM on %s over %s val images per class", cam_layer, counts)
     with job.output() as out:
-        base.save(explanations.class_grid(faces, heats, counts, f"Mean Grad-CAM per class on {cam_layer} (val "
-                                                                "images, predicted class) over the mean face"),
-                  out.path("attention.png"))
+        grids.save(grids.class_grid(faces, heats, counts, f"Mean Grad-CAM per class on {cam_layer} (val images, "
+                                                          "predicted class) over the mean face"), out.path("attention.png"))
         np.savez_compressed(out.path("attention.npz"), **{f"heat_{c}": h for c, h in heats.items()},
                             **{f"face_{c}": f for c, f in faces.items()})
         out.add("attention", "attention.png")

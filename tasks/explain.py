@@ -80,7 +80,7 @@ def _draw_maps(out, array, index, rows, trained: dict, methods: list[str], cam_l
     """The reference's strip and the maps per image, and one grid of every CAM method."""
     import numpy as np
 
-    from tasks.reporting.plots import base, explanations
+    from tasks.reporting.plots import grids
 
     maps, labels, strips = trained["maps"], trained["labels"], []
     for i, row in enumerate(rows):
@@ -88,16 +88,16 @@ def _draw_maps(out, array, index, rows, trained: dict, methods: list[str], cam_l
         image = np.asarray(array[row])
         title = (f"{index.loc[row, 'path']} · actual {labels[i]} · predicted {classes[trained['targets'][i]]} "
                  f"(p={trained['probs'][i].max():.2f}) · {cam_layer}")
-        strip = explanations.explanation_strip(image, maps[methods[0]][i], methods[0],
-                                               maps["guided_backprop"][i].transpose(1, 2, 0),
-                                               maps["guided_grad_cam"][i].transpose(1, 2, 0), title)
-        base.save(strip, out.path(f"explain/{labels[i]}/strip_{k}.png"), dpi=90)
+        strip = grids.explanation_strip(image, maps[methods[0]][i], methods[0],
+                                        maps["guided_backprop"][i].transpose(1, 2, 0),
+                                        maps["guided_grad_cam"][i].transpose(1, 2, 0), title)
+        grids.save(strip, out.path(f"explain/{labels[i]}/strip_{k}.png"))
         np.savez(out.path(f"explain/{labels[i]}/maps_{k}.npz"), image=image, target=trained["targets"][i],
                  **{m: v[i].astype(np.float16) for m, v in maps.items()})  # float16: maps, not measurements
         strips.append(f"explain/{labels[i]}/strip_{k}.png")
-    base.save(explanations.method_grid([np.asarray(array[row]) for row in rows], maps, methods,
-                                       [f"{index.loc[row, 'path']} ({a})" for row, a in zip(rows, labels)],
-                                       f"CAM methods on {cam_layer}"), out.path("cams.png"), dpi=70, tight=False)
+    grids.save(grids.method_grid([np.asarray(array[row]) for row in rows], maps, methods,
+                                 [f"{index.loc[row, 'path']} ({a})" for row, a in zip(rows, labels)],
+                                 f"CAM methods on {cam_layer}"), out.path("cams.png"))
     out.add("explanations", "explain")
     out.add("cam_methods", "cams.png")
     return strips

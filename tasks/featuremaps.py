@@ -23,7 +23,7 @@ def run(job: Job) -> dict:
     from tasks.data.arrays import open_decoded
     from tasks.data.picking import first_per_class
     from tasks.model.inference import load_trained, model_input, runtime_for
-    from tasks.reporting.plots import base, explanations
+    from tasks.reporting.plots import grids
 
     log = logger()
     settings = job.settings
@@ -41,7 +41,7 @@ def run(job: Job) -> dict:
                 for k, row in enumerate(rows):
                     name = f"feature_maps/{label}/{spec}/feature_map_{k}.png"
                     title = f"{label} · {spec} · {index.loc[row, 'path']} (first {min(channels, maps.shape[1])} channels)"
-                    base.save(explanations.channel_grid(maps[k, :channels], title), out.path(name), dpi=80)
+                    grids.save(grids.channel_grid(maps[k, :channels], title), out.path(name))
                     files.append(name)
         out.add("feature_maps", "feature_maps")
         log.info("drew %d feature-map grids for layers %s", len(files), ", ".join(layers))

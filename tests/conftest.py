@@ -29,20 +29,21 @@ SMALL = DemoSpec(identities=24, images_per_identity=6, seed=3)
 
 
 @pytest.fixture(scope="session")
-def prefect_backend():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
-@pytest.fixture(scope="session")
 def server(tmp_path_factory):
     """A real Prefect server (a process of its own, like a user's), shared by the tests that need one."""
     from tests.harness import PrefectServer
 
     with PrefectServer(tmp_path_factory.mktemp("prefect-home")) as running:
         yield running
+
+
+@pytest.fixture(scope="session")
+def prefect_backend(server):
+    """Flows run in the test process against the shared real server."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: server.url}):
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ from PIL import Image
 from tasks.reporting.artifacts import artifact_key, cell_text, safe_rows
 
 REPO = Path(__file__).resolve().parents[1]
-HOSTILE = ["<img src=x onerror=alert(1)>", "[l](javascript:alert(1))"]
+HOSTILE = ["<img src=x onerror=alert(1)>", "[l](javascript:alert(1))", "$x$ and `y` |z"]
 
 
 def test_cells_and_column_names_are_escaped_but_numbers_kept():
@@ -40,20 +40,30 @@ def browser_dom(url: str) -> str:
     return proc.stdout
 
 
-def test_hostile_class_names_render_as_text_in_the_ui(server, tmp_path):
+def test_hostile_class_names_and_file_names_are_text_everywhere(server, tmp_path):
+    """Label folders and file names with HTML, links, `$`, `|` and backticks, through every stage:
+    no stage crashes (a matplotlib title would parse `$...$` as math), and the report, the run
+    report and the UI's artifact pages show them as text."""
     rng = np.random.default_rng(0)
     for k, label in enumerate(HOSTILE):
         (tmp_path / "data" / label).mkdir(parents=True)
         for i in range(10):
-            pixels = np.clip(rng.normal(60 + 90 * k, 30, (36, 36, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(tmp_path / "data" / label / f"{i}.png")
+            pixels = np.clip(rng.normal(60 + 70 * k, 30, (36, 36, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "data" / label / f"${i}$ |`{i}`<b>.png")
     proc = subprocess.run([sys.executable, "-m", "flows", "run", "--data", str(tmp_path / "data"), "--out",
-                           str(tmp_path / "out"), "--until", "evaluate", "--backbone", "convnext_narrow",
-                           "--weights", "none", "--image-size", "32", "--epochs", "1", "--val-frac", "0.5", "--json"],
+                           str(tmp_path / "out"), "--backbone", "convnext_narrow", "--weights", "none",
+                           "--image-size", "32", "--epochs", "1", "--val-frac", "0.5", "--explain-classes",
+                           ",".join(HOSTILE[:2]), "--explain-images", "1", "--feature-images", "1",
+                           "--attention-images", "2", "--faithfulness-steps", "2", "--tsne-perplexity", "5", "--json"],
                           cwd=REPO, env=server.env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    run_id = json.loads(proc.stdout.strip().splitlines()[-1])["run"]["run_id"]
-    found = server.api("POST", "/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [run_id]}}})
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert {s["state"] for s in result["stages"].values()} == {"Completed"}
+    study = Path(result["stages"]["report"]["outputs"]["report"]).read_text()
+    for report in (study, Path(result["run"]["report"]).read_text()):
+        assert "<img" not in report and "<b>" not in report
+        assert "&lt;img src=x onerror=alert\\(1\\)&gt;" in report and "\\$x\\$ and \\`y\\` \\|z" in report
+    found = server.api("POST", "/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [result["run"]["run_id"]]}}})
     by_key = {a["key"]: a for a in found}
     ui = server.url.removesuffix("/api")
     for key in ("agelens-confusion-matrix-val", "agelens-classification-report-val", "agelens-split-counts",

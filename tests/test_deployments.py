@@ -105,6 +105,7 @@ def test_deploy_settles_everything_before_any_run(server, dataset, tmp_path):
     assert "offline" not in names
 
 
+@pytest.mark.slow
 def test_growth_below_the_cap_retrains_on_the_grown_data(server, dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("grow-out")
     dataset["grow"](21)  # 21 images per decade on disk, 20 drawn
@@ -140,6 +141,7 @@ def test_growth_below_the_cap_retrains_on_the_grown_data(server, dataset, tmp_pa
     assert "agelens-run-report" not in {a["key"] for a in reports}
 
 
+@pytest.mark.slow
 def test_a_failing_retraining_is_asked_for_again_then_given_up_until_the_data_changes(server, dataset,
                                                                                        tmp_path_factory):
     """Every image unreadable: each retraining fails. The watcher sees the failed run (it does not
@@ -180,6 +182,7 @@ def test_a_failing_retraining_is_asked_for_again_then_given_up_until_the_data_ch
         shutil.rmtree(saved)
 
 
+@pytest.mark.slow
 def test_two_watcher_configurations_do_not_interfere(server, dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("configs-out")
     dataset["grow"](21)
@@ -198,6 +201,7 @@ def test_two_watcher_configurations_do_not_interfere(server, dataset, tmp_path_f
     assert sorted(r["drawn"]["10s"] for r in run_table(out)) == [10, 12]
 
 
+@pytest.mark.slow
 def test_serve_beside_deployed_deployments(server, dataset, tmp_path_factory):
     """`agelens serve` registers its own deployments (named `served`): a watcher run on it works,
     and stopping it pauses only those, never the worker's."""

@@ -85,10 +85,22 @@ def test_a_helper_edit_changes_exactly_the_stages_that_import_it(tmp_path, modul
     assert {name for name in before if before[name] != after[name]} == dependents
 
 
-def test_no_stage_imports_another_stage():
+def test_no_stage_imports_another_stage_and_imports_go_one_way():
+    """Stages import helpers, helpers import helpers, flows import tasks: never the other way round."""
+    from flows.codeversion import module_file
+
     stages = {s.module for s in STAGES}
     for stage in STAGES:
         assert not (set(closure(stage.module)) - {stage.module}) & stages, stage.name
+    helpers = [f"tasks.{p.relative_to(ROOT / 'tasks').with_suffix('').as_posix().replace('/', '.')}"
+               for p in (ROOT / "tasks").rglob("*.py") if p.parent != ROOT / "tasks" and p.name != "__init__.py"]
+    assert len(helpers) > 20 and all(module_file(h, ROOT) for h in helpers)
+    for helper in helpers:
+        reached = set(closure(helper))
+        assert not reached & stages, (helper, reached & stages)
+        assert not [m for m in reached if m.startswith("flows")], helper
+    for stage in STAGES:
+        assert not [m for m in closure(stage.module) if m.startswith("flows")], stage.name
 
 
 TOY = '''"""Stage: the number of drawn images per split (a toy, to show what adding a stage takes)."""

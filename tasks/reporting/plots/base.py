@@ -30,18 +30,6 @@ def as_visible(gradient: np.ndarray) -> np.ndarray:
     return np.clip(g * 0.5 + 0.5, 0, 1)
 
 
-def image_row(panels: list[tuple[np.ndarray, str]], title: str, width: float = 2.75) -> Figure:
-    """Pictures side by side, each with a caption; `title` above them."""
-    fig = Figure(figsize=(width * len(panels), 3.2))
-    for ax, (picture, caption) in zip(np.atleast_1d(fig.subplots(1, len(panels))), panels):
-        ax.imshow(picture)
-        ax.set_title(caption, fontsize=9, **TEXT)
-        ax.axis("off")
-    fig.suptitle(title, fontsize=10, **TEXT)
-    fig.tight_layout()
-    return fig
-
-
 def class_ticks(ax, classes: list[str]) -> None:
     ticks = np.arange(len(classes)) + 0.5
     ax.set_xticks(ticks, [str(c) for c in classes], **TEXT)
