@@ -23,19 +23,20 @@ def demo_is_current(root: Path, stamp: dict) -> bool:
     return {k: found.get(k) for k in stamp} == stamp and "summary" in found
 
 
-def demo_stamp() -> dict:
+def demo_stamp(spec=None) -> dict:
     from tasks.data.demo import DemoSpec
 
-    return {"spec": asdict(DemoSpec()), "code": code_version("tasks.data.demo")}
+    return {"spec": asdict(spec or DemoSpec()), "code": code_version("tasks.data.demo")}
 
 
-def demo_data(root: Path = DEMO_ROOT) -> str:
-    """The demo's metadata file, generated first when missing or out of date."""
+def demo_data(root: Path = DEMO_ROOT, spec=None) -> str:
+    """The demo's metadata file, generated first when missing or out of date (`spec`: the
+    default DemoSpec unless given, for tests)."""
     from prefect import get_run_logger, task
 
     from tasks.data.demo import DemoSpec, make_demo
 
-    stamp = demo_stamp()
+    stamp = demo_stamp(spec)
     if not demo_is_current(root, stamp):
         @task(name="demo")
         def make_demo_data() -> dict:

@@ -10,9 +10,18 @@ import numpy as np
 import pytest
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # the suite runs on as many workers as cores: one thread each
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 from tasks.data.demo import DemoSpec, plan_demo, write_demo  # noqa: E402
+
+
+def pytest_configure(config):
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -84,6 +84,7 @@ def test_gc_keeps_what_recent_runs_used_and_removes_leftovers(prefect_backend, s
     assert (out / "split" / last).exists()
 
 
+@pytest.mark.slow
 def test_two_runs_into_one_folder_both_succeed_with_what_a_solo_run_makes(server, small_cacd, tmp_path):
     meta = str(small_cacd / "celebrity2000_meta.mat")
     options = ["--data", meta, "--until", "train", "--backbone", "convnext_narrow", "--image-size", "32",

@@ -91,16 +91,17 @@ def run_table(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "runs" / "runs.jsonl").read_text().splitlines()]
 
 
-def test_deploy_settles_everything_before_any_run(server, dataset, tmp_path):
+def test_deploy_settles_everything_before_any_run(prefect_backend, server, dataset, tmp_path, monkeypatch, capsys):
+    from flows.cli import main
+
     dataset["grow"](21)
-    missing = subprocess.run([str(Path(sys.executable).with_name("agelens")), "deploy", "--data", str(tmp_path / "no.csv")],
-                             env=server.env, capture_output=True, text=True, cwd=REPO)
-    assert missing.returncode == 1 and missing.stderr.strip() == f"agelens: error: metadata not found: {tmp_path / 'no.csv'}"
-    offline = subprocess.run([str(Path(sys.executable).with_name("agelens")), "deploy", "--data", str(dataset["csv"]),
-                              "--backbone", "resnet18", "--name", "offline"], capture_output=True, text=True, cwd=REPO,
-                             env={**server.env, "TORCH_HOME": str(tmp_path / "torch"), "HTTPS_PROXY": "http://127.0.0.1:9"})
-    assert offline.returncode == 1 and "ImageNet weights for resnet18 are not cached" in offline.stderr
-    assert offline.stderr.count("\n") == 1
+    assert main(["deploy", "--data", str(tmp_path / "no.csv")]) == 1
+    assert capsys.readouterr().err.strip() == f"agelens: error: metadata not found: {tmp_path / 'no.csv'}"
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+    assert main(["deploy", "--data", str(dataset["csv"]), "--backbone", "resnet18", "--name", "offline"]) == 1
+    err = capsys.readouterr().err
+    assert "ImageNet weights for resnet18 are not cached" in err and err.count("\n") == 1
     names = [d["name"] for d in server.api("POST", "/deployments/filter", json={})]
     assert "offline" not in names
 

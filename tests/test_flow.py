@@ -180,50 +180,37 @@ def test_out_that_is_a_file_or_read_only_is_one_line(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == f"agelens: error: --out {tmp_path / 'file'} is a file, not a folder"
 
 
-def test_expected_errors_print_no_traceback(small_cacd, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--data", str(small_cacd / "celebrity2000_meta.mat"),
+def test_expected_errors_print_no_traceback(server, small_cacd, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "flows", "run", "--data", str(small_cacd / "celebrity2000_meta.mat"),
                            "--out", str(tmp_path / "o"), "--weights", "none", "--backbone", "convnext_narrow",
-                           "--image-size", "32", "--explain-classes", "70s"], capture_output=True, text=True, timeout=300)
+                           "--image-size", "32", "--explain-classes", "70s"], capture_output=True, text=True, timeout=300,
+                          env=server.env)
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if "Traceback" in line or "agelens: error" in line]
     assert lines == ["agelens: error: --explain-classes: 70s not among the data's classes (10s, 20s, 30s, 40s, 50s, 60s)"]
 
 
-def test_json_output_from_the_command(prefect_backend, small_cacd, tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "flows", "run", "--data", str(small_cacd / "celebrity2000_meta.mat"),
-         "--out", str(tmp_path / "o"), "--until", "split", "--per-class", "10", "--json"],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert set(result["stages"]) == {"extract", "split"}
-    split = result["stages"]["split"]
-    assert split["state"] == "Completed" and split["summary"]["shared_identities"] == 0
-    assert set(split["summary"]["per_class"].values()) == {10}
-    assert result["settings"]["per_class"] == 10
-
-
 def test_demo_data_is_made_once_in_the_project_and_never_over_a_users_folder(prefect_backend, tmp_path, monkeypatch):
     from flows.demo import DEMO_FILE, DEMO_ROOT, demo_data
+    from flows.inputs import Inputs
+    from tasks.core.hashing import HashMemo
+    from tests.conftest import SMALL
 
     root = tmp_path / "demo"
-    assert demo_data(root) == str(root / DEMO_FILE)
+    assert demo_data(root, SMALL) == str(root / DEMO_FILE)
     image = next((root / "CACD2000").iterdir())
     made = image.stat().st_mtime_ns
-    demo_data(root)  # current: reused, not redrawn
+    demo_data(root, SMALL)  # current: reused, not redrawn
     assert image.stat().st_mtime_ns == made
 
-    monkeypatch.chdir(tmp_path)  # the flow finds the project's demo wherever it is started
-    first = age_pipeline(settings=RunSettings(out=str(tmp_path / "a"), until="extract"))
-    assert states(first) == {"extract": "Completed"} and first["stages"]["extract"]["summary"]["rows_out"] == 1560
-    assert (DEMO_ROOT / DEMO_FILE).is_file() and not (tmp_path / "data").exists()
+    monkeypatch.chdir(tmp_path)  # the project's demo, wherever agelens is started
+    assert Inputs.of(RunSettings(), HashMemo(None), make_demo=False).data == str(DEMO_ROOT / DEMO_FILE)
 
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "precious.txt").write_text("keep me")
     with pytest.raises(DataError, match="was not made by agelens"):
-        demo_data(mine)
+        demo_data(mine, SMALL)
     assert (mine / "precious.txt").read_text() == "keep me"
 
 

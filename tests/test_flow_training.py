@@ -21,8 +21,8 @@ def states(result):
     return {name: stage["state"] for name, stage in result["stages"].items()}
 
 
-EXPLAIN = dict(feature_images=2, explain_images=2, explain_classes="10s,60s", attention_images=4, faithfulness_steps=4,
-               embed_images=120, tsne_perplexity=10.0)
+EXPLAIN = dict(feature_images=1, explain_images=2, explain_classes="10s,60s", attention_images=3, faithfulness_steps=2,
+               embed_images=60, tsne_perplexity=10.0)
 UPSTREAM = {"extract": "Cached", "split": "Cached", "decode": "Cached", "train": "Cached"}
 
 
@@ -91,7 +91,7 @@ def test_embedding_feature_maps_attention_and_explanations(run):
     for decade in ("10s", "20s", "30s", "40s", "50s", "60s"):
         for layer in ("features.0", "features.5", "features.-1"):
             assert sorted(p.name for p in (maps_root / decade / layer).iterdir()) == \
-                ["feature_map_0.png", "feature_map_1.png"]
+                ["feature_map_0.png"]
 
     attention = np.load(result["stages"]["attention"]["outputs"]["maps"])
     assert sorted(k for k in attention.files if k.startswith("heat_")) == [f"heat_{d}0s" for d in range(1, 7)]
@@ -109,11 +109,16 @@ def test_embedding_feature_maps_attention_and_explanations(run):
     methods = ["grad_cam", "hirescam", "grad_cam_plus_plus", "xgrad_cam", "layer_cam", "guided_backprop",
                "guided_grad_cam", "random"]
     assert list(dict.fromkeys(faith["method"])) == methods and set(faith["class"]) == {"10s", "60s"}
-    assert faith[["deletion_auc", "insertion_auc"]].apply(lambda c: c.between(0, 1)).all().all()
+    assert (faith["images"] == 2).all()  # every method scored on the same two images per class
+    # The maps differ between methods (a CAM layer of 1x1 made them all one blob, scored alike).
+    assert faith.groupby("class")["deletion_auc"].nunique().min() >= 4
     steps = pd.read_csv(explain["outputs"]["randomisation"])
     assert list(dict.fromkeys(steps["reinitialised"])) == ["classifier", "features.7+features.6", "features.5+features.4",
                                                            "features.3+features.2", "features.1+features.0"]
-    assert steps["mean"].dropna().between(-1, 1).all()
+    # With the classifier re-initialised every rank correlation is defined: the maps have enough cells to
+    # rank (not so at 1x1). Deeper steps may leave a method a constant map, which is reported as undefined.
+    first = steps[steps["step"] == 1]
+    assert len(first) == 7 and first["undefined"].sum() == 0 and first["mean"].notna().all()
     logit = pd.read_csv(explain["outputs"]["random_logit"])
     assert list(logit["method"]) == methods[:-1]
     assert set(explain["summary"]["seconds"]) >= {"guided_backprop", "faithfulness (deletion + insertion)",
@@ -195,6 +200,7 @@ def test_every_run_publishes_its_report_and_tables_even_when_cached(run):
     assert runs_table[0]["run"] == flow_run_id[:8]
 
 
+@pytest.mark.slow
 def test_independent_stages_run_on_a_dask_cluster(run, learnable_cacd):
     from distributed import Client, LocalCluster
 
@@ -205,7 +211,7 @@ def test_independent_stages_run_on_a_dask_cluster(run, learnable_cacd):
         flow = with_task_runner("dask", cluster.scheduler_address)
         # Settings no other test uses, so the independent stages run (on the cluster).
         settings = RunSettings(data=str(learnable_cacd / "celebrity2000_meta.mat"), out=str(run.out), until="explain",
-                               **{**TINY_TRAINING, **EXPLAIN, "explain_images": 3, "feature_images": 1,
+                               **{**TINY_TRAINING, **EXPLAIN, "explain_images": 3, "feature_images": 2,
                                   "tsne_perplexity": 8.0, "attention_images": 3})
         result = flow(settings=settings)
         with Client(cluster.scheduler_address) as client:

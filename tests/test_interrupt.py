@@ -34,17 +34,26 @@ def wait_for(condition, seconds: float = 180, what: str = "condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def saved_epoch(out: Path) -> int:
-    markers = list(out.glob("train/*.partial/checkpoint.json"))
-    return json.loads(markers[0].read_text())["epoch"] if markers else 0
+def saved_epoch(out: Path, since: float = 0.0) -> int:
+    """The epoch the training checkpoint under `out` holds (saved after `since`, a Unix time), or 0."""
+    for marker in out.glob("train/*.partial/checkpoint.json"):
+        try:
+            if marker.stat().st_mtime >= since:
+                return json.loads(marker.read_text())["epoch"]
+        except (OSError, ValueError):
+            pass
+    return 0
 
 
-def test_ctrl_c_and_sigterm_stop_a_run_within_seconds_and_training_resumes(server, small_cacd, tmp_path):
+def test_ctrl_c_and_sigterm_stop_a_run_within_seconds_and_say_where_training_resumes(server, small_cacd, tmp_path):
     meta = str(small_cacd / "celebrity2000_meta.mat")
     out, stopped = tmp_path / "o", 0
     for signum, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
+        launched = time.time()
         run = start(["run", "--data", meta, "--out", str(out), *TRAIN, "--epochs", "40"], server.env)
-        epoch = wait_for(lambda: saved_epoch(out) >= stopped + 2 and saved_epoch(out), what="a newly saved epoch")
+        first = wait_for(lambda: saved_epoch(out, launched), what="a newly saved epoch")
+        assert first > stopped  # the second run went on from the epoch the first one saved
+        epoch = wait_for(lambda: saved_epoch(out) >= first + 1 and saved_epoch(out), what="another saved epoch")
         began = time.monotonic()
         if signum == signal.SIGINT:
             os.killpg(run.pid, signum)  # Ctrl-C reaches the whole foreground process group
@@ -64,12 +73,7 @@ def test_ctrl_c_and_sigterm_stop_a_run_within_seconds_and_training_resumes(serve
         newest = server.api("POST", "/flow_runs/filter", json={"sort": "START_TIME_DESC", "limit": 1})[0]
         assert newest["state_type"] == "CANCELLED", newest["state"]
         assert not [p for p in (out / "train").iterdir() if p.is_dir() and "." not in p.name]  # nothing served
-    resumed = subprocess.run([sys.executable, "-m", "flows", "run", "--data", meta, "--out", str(out), *TRAIN,
-                              "--epochs", "40", "--json"], cwd=REPO, env=server.env, capture_output=True, text=True,
-                             timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    train = json.loads(resumed.stdout.strip().splitlines()[-1])["stages"]["train"]
-    assert train["state"] == "Completed" and train["summary"]["resumed_from_epoch"] == stopped
+    # What the next run does with the saved epoch is tested in tests/test_training.py (exact resume).
 
 
 @pytest.mark.slow
