@@ -205,8 +205,11 @@ def run_command(args) -> int:
 
         quiet_expected_errors(cli=True)
     started: dict = {}
-    flow = with_task_runner(args.task_runner, args.dask_address).with_options(
-        on_running=[lambda flow, run, state: started.update(id=run.id)])
+
+    def remember_the_run(flow, run, state) -> None:  # to mark it Cancelled on an interrupt
+        started["id"] = run.id
+
+    flow = with_task_runner(args.task_runner, args.dask_address).with_options(on_running=[remember_the_run])
 
     def on_interrupt(signum: int) -> None:
         hint = resume_hint(settings.out, began)
