@@ -75,6 +75,26 @@ def build_parser() -> argparse.ArgumentParser:
     table = commands.add_parser("runs", help="the table of completed runs in an output folder")
     table.add_argument("--out", default="artifacts", metavar="PATH")
     table.add_argument("--json", action="store_true")
+    models = commands.add_parser("models", help="each configuration's champion model and the models it kept out")
+    models.add_argument("--out", default="artifacts", metavar="PATH")
+    models.add_argument("--json", action="store_true")
+    promote = commands.add_parser("promote", help="make a recorded run's model its configuration's champion")
+    promote.add_argument("run", metavar="RUN", help="a run id or its first characters (see agelens runs)")
+    promote.add_argument("--out", default="artifacts", metavar="PATH")
+    predict = commands.add_parser("predict", help="age of the faces in photos, with the champion model")
+    predict.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders (searched recursively)")
+    predict.add_argument("--out", metavar="FILE", help="write one row per face to FILE.csv or FILE.parquet")
+    predict.add_argument("--json", action="store_true", help="print the rows and the skipped files as JSON")
+    predict.add_argument("--models", default="artifacts", metavar="PATH", help="the pipeline's --out, where the "
+                                                                               "models are (default: artifacts)")
+    predict.add_argument("--config", metavar="ID", help="whose champion (see agelens models; needed when there are "
+                                                        "several)")
+    predict.add_argument("--run", metavar="RUN", help="the model of this recorded run instead of a champion")
+    predict.add_argument("--no-detect", action="store_true", help="each image is one face already (no detection)")
+    predict.add_argument("--face-model", metavar="PATH", help="YuNet's ONNX file (default: the packaged one)")
+    predict.add_argument("--explain", metavar="DIR", help="write a Grad-CAM overlay per face into DIR")
+    predict.add_argument("--batch-size", type=int, default=64, metavar="N")
+    predict.add_argument("--device", default="auto")
     deploy = commands.add_parser("deploy", help="deploy age-pipeline and watch-data on your data to a Prefect server")
     _add_settings(deploy)
     deploy.add_argument("--name", default="main", help="deployment name of both (default: main)")
@@ -282,6 +302,50 @@ def _text(value) -> str:
     return f"{value:.3f}" if isinstance(value, float) else ("" if value is None else str(value))
 
 
+def models_command(args) -> int:
+    from flows import models
+
+    listing = []
+    for config in models.configs(args.out):
+        champion = models.champion(args.out, config)
+        listing.append({"config": config, "champion": champion, "decisions": models.decisions(args.out, config)})
+    if args.json:
+        print(json.dumps(listing))
+        return 0
+    if not listing:
+        print(f"no models recorded in {os.path.abspath(args.out)} (a run that reaches the compare stage records one)")
+    for entry in listing:
+        champion = entry["champion"]
+        where = (champion or {}).get("settings", {})
+        print(f"configuration {entry['config']}")
+        if champion:
+            m = champion.get("metrics") or {}
+            print(f"  champion  run {champion['run_id'][:8]}  model {champion['model_digest'][:12]}  "
+                  f"{where.get('backbone')} {where.get('image_size')} px  accuracy {_text(m.get('accuracy'))}  "
+                  f"since {champion['promoted_at']}: {champion['why']}")
+        for d in entry["decisions"]:
+            if d["decision"] == "keep":
+                print(f"  rejected  run {d['run_id'][:8]}  model {d['model_digest'][:12]}  {d['time']}: {d['why']}")
+    return 0
+
+
+def promote_command(args) -> int:
+    from flows import models
+
+    record = models.promote_by_hand(args.out, args.run)
+    print(f"run {record['run_id'][:8]} (model {record['model_digest'][:12]}) is now the champion of configuration "
+          f"{record['config']}")
+    return 0
+
+
+def predict_command(args) -> int:
+    from flows.predict import main_predict
+
+    if args.batch_size < 1:
+        raise ConfigError("--batch-size must be at least 1")
+    return main_predict(args)
+
+
 def deploy_command(args) -> int:
     from prefect.settings import get_current_settings
 
@@ -310,7 +374,7 @@ def serve_command(args) -> int:
 
 
 COMMANDS = {"run": run_command, "status": status_command, "gc": gc_command, "runs": runs_command,
-            "deploy": deploy_command, "serve": serve_command}
+            "models": models_command, "promote": promote_command, "predict": predict_command, "deploy": deploy_command, "serve": serve_command}
 
 
 def describe(result: dict) -> str:

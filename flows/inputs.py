@@ -27,9 +27,9 @@ class Inputs:
     """Content handles of the data a run reads, computed on first use and remembered."""
 
     def __init__(self, data: str, images: str | None, weights: str, backbone: str, memo: HashMemo,
-                 out: str | Path | None = None):
+                 out: str | Path | None = None, settings=None):
         self.data, self.images_option, self.weights_choice, self.backbone = data, images, weights, backbone
-        self.memo, self.out = memo, out
+        self.memo, self.out, self.settings = memo, out, settings
 
     @classmethod
     def of(cls, settings, memo: HashMemo, make_demo: bool = True) -> "Inputs":
@@ -43,7 +43,7 @@ class Inputs:
             data = demo_data()
         else:
             data = str(DEMO_ROOT / DEMO_FILE)
-        return cls(data, settings.images, settings.weights_choice, settings.backbone, memo, settings.out)
+        return cls(data, settings.images, settings.weights_choice, settings.backbone, memo, settings.out, settings)
 
     def get(self, name: str, upstream: dict[str, dict], out: str) -> dict:
         """The handle of input `name` ("images" needs the split's result)."""
@@ -95,6 +95,13 @@ class Inputs:
         except OSError as error:
             raise DataError(f"cannot read image {error.filename}: {error.strerror}") from error
         return {"path": str(root), "sha256": sha256_json(list(zip(paths, digests)))}
+
+    @functools.cached_property
+    def champion(self) -> dict:
+        """The current champion of this run's configuration (flows/models.py), by its model's digest."""
+        from flows.models import handle
+
+        return handle(Path(self.out).expanduser().resolve(), self.settings)
 
     @functools.cached_property
     def weights(self) -> dict:

@@ -40,7 +40,7 @@ def since_last(previous: dict | None, row: dict) -> list[str]:
     for split in ("val", "test"):
         if row.get(split) and previous.get(split):
             deltas = [f"{name} {row[split][name]:.3f} ({row[split][name] - previous[split][name]:+.3f})"
-                      for name in ("accuracy", "macro_f1", "mae_decades") if row[split].get(name) is not None
+                      for name in ("accuracy", "macro_f1", "within_one", "mae_years") if row[split].get(name) is not None
                       and previous[split].get(name) is not None]
             lines.append(f"- {split}: " + ", ".join(deltas))
     return lines
@@ -55,9 +55,10 @@ def learning_points(rows: list[dict], row: dict) -> list[dict]:
 
     points = {}
     for r in [*rows, row]:
-        if group(r) == group(row) and r.get("val") and r.get("train_images"):
-            points[(r["train_images"], r["fingerprint"])] = {"train_images": r["train_images"],
-                                                             "val_accuracy": r["val"]["accuracy"]}
+        split, m = runs.headline(r)
+        if group(r) == group(row) and m and r.get("train_images"):
+            points[(r["train_images"], r["fingerprint"])] = {"train_images": r["train_images"], "split": split,
+                                                             "accuracy": m["accuracy"]}
     return list(points.values())
 
 
@@ -103,7 +104,7 @@ def run_report(out: Path, results: dict[str, dict], previous: list[dict], row: d
                                                   for line in since_last(previous[-1] if previous else None, row))]
     points = learning_points(previous, row)
     if len(points) >= 2:
-        parts += ["## Learning curve", image(learning_curve(out, points), "val accuracy against training images", 560)]
+        parts += ["## Learning curve", image(learning_curve(out, points), "accuracy against training images", 560)]
     parts += ["## Runs in this output folder (newest first)", table(runs.table_rows([*previous, row], limit=10))]
     return "\n\n".join(parts) + "\n"
 
@@ -112,16 +113,27 @@ def finish(settings, out: Path, inputs, results: dict[str, dict], states: dict[s
            scope: str | None = None) -> dict:
     """Append this run to the run table, write and publish its report and tables, record the
     data fingerprint it trained on. Returns the run's row (with the report's path)."""
-    from tasks.reporting.artifacts import publish_run
+    from flows import models
+    from tasks.reporting.artifacts import DECISION, publish_markdown, publish_run
 
     data = state.fingerprint(inputs, results, out) if "split" in results else None
     previous = runs.read_runs(out)
     row = runs.make_row(run_id, settings, results, states, data)
     runs.append_run(out, row)
+    facts = {k: v for result in results.values() for k, v in result.get("meta", {}).items()}
+    decision = models.settle(out, settings, run_id, results, facts) if "compare" in results else None
     report = run_report(out, results, previous, row)
     atomic_write_bytes(out / REPORT_FILE, report.encode())
     publish_run(run_tables(out, results, [*previous, row]), report, scope)
+    if decision is not None:
+        publish_markdown(DECISION, decision_markdown(decision), "Whether this run's model became the champion", scope)
     if data is not None:
         state.record_state(settings, {"fingerprint": data, "drawn": row["drawn"], "run_id": row["run_id"],
                                       "time": row["time"]})
-    return {**row, "report": str(out / REPORT_FILE)}
+    return {**row, "report": str(out / REPORT_FILE), "decision": decision}
+
+
+def decision_markdown(decision: dict) -> str:
+    verdict = {"promote": "Promoted", "keep": "Kept the champion", "same": "Champion"}[decision["decision"]]
+    return (f"# {verdict}\n\n{escape(decision['why'])}.\n\nConfiguration {escape(decision['config'])}: "
+            "`agelens models` lists its champion and every rejected model.\n")

@@ -12,6 +12,7 @@ from flows.graph import BY_NAME
 from flows.locks import locked
 
 ROW_FIELDS = {"run_id": str, "time": str, "settings": dict, "stages": dict}
+METRICS = ("accuracy", "accuracy_ci", "macro_f1", "within_one", "mae_years", "mae_decades")
 log = logging.getLogger("agelens")
 
 
@@ -72,7 +73,7 @@ def make_row(run_id: str, settings, results: dict[str, dict], states: dict[str, 
 
     def metric(split_name: str):
         found = getattr(evaluate, split_name, None) if evaluate else None
-        return {k: getattr(found, k) for k in ("accuracy", "macro_f1", "mae_decades")} if found else None
+        return {k: getattr(found, k) for k in METRICS} if found else None
 
     return {
         "run_id": run_id, "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -84,14 +85,19 @@ def make_row(run_id: str, settings, results: dict[str, dict], states: dict[str, 
     }
 
 
+def headline(row: dict) -> tuple[str, dict]:
+    """The split a run's numbers come from: test, or val (which chose the epoch) without one."""
+    return ("test", row["test"]) if row.get("test") else ("val", row.get("val") or {})
+
+
 def table_rows(rows: list[dict], limit: int = 30) -> list[dict]:
     """The run table for people, newest first."""
     out = []
     for r in reversed(rows[-limit:] if limit else []):
-        val = r.get("val") or {}
+        split, m = headline(r)
         out.append({"run": r["run_id"][:8], "time": r["time"], "data": (r.get("fingerprint") or "")[:8],
                     "per class": ", ".join(f"{c} {n}" for c, n in (r.get("drawn") or {}).items()),
-                    "train images": r.get("train_images"), "val accuracy": val.get("accuracy"),
-                    "macro-F1": val.get("macro_f1"), "MAE (decades)": val.get("mae_decades"),
+                    "train images": r.get("train_images"), "on": split, "accuracy": m.get("accuracy"),
+                    "macro-F1": m.get("macro_f1"), "within one": m.get("within_one"), "MAE (years)": m.get("mae_years"),
                     "best epoch": r.get("best_epoch"), "training s": r.get("training_seconds")})
     return out

@@ -13,6 +13,7 @@ class SplitSummary(Summary):
     shared_identities: int
     split_by: str
     warnings: list[str]
+    test_frac: float = 0.0  # the share asked for, or 0 when the classes were too small for a test split
 
 
 STAGE = Stage("split", SplitSummary, needs=("extract",), outputs=("manifest",),

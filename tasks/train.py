@@ -9,6 +9,8 @@ class TrainSummary(Summary):
     best_epoch: int
     best_val_loss: float
     best_val_acc: float
+    head: str = "classes"
+    recipe: str = "reference"
     epochs: int
     resumed_from_epoch: int
     train_images: int
@@ -20,7 +22,8 @@ class TrainSummary(Summary):
 
 
 STAGE = Stage("train", TrainSummary, needs=("decode",), inputs=("weights",), uses=("device", "eval_batch_size"),
-              reads=("backbone", "epochs", "batch_size", "lr", "max_steps", "seed", "precision", "channels_last"),
+              reads=("backbone", "epochs", "batch_size", "lr", "recipe", "head", "max_steps", "seed", "precision",
+                     "channels_last"),
               outputs=("model", "history", "curves", "timings", "config"))
 
 
@@ -34,7 +37,9 @@ def run(job: Job) -> dict:
     from tasks.core.stage import write_json
     from tasks.data.arrays import open_decoded, rows_of
     from tasks.model.backbones import build_model
+    from tasks.model.heads import head_for
     from tasks.model.inference import Runtime
+    from tasks.model.recipes import RECIPES
     from tasks.model.training import fit, private_rng
     from tasks.reporting.plots import base, training
     from tasks.reporting.progress import TrainingProgress
@@ -44,6 +49,10 @@ def run(job: Job) -> dict:
     index, array = open_decoded(job)
     classes = job.context["classes"]
     labels = index["class_index"].to_numpy()
+    ages = index["age"].to_numpy() if "age" in index.columns and index["age"].notna().all() else None
+    head = head_for(settings["head"], classes, ages is not None)
+    recipe = RECIPES[settings["recipe"]]
+    targets = head.targets(labels, ages)
     train_rows, val_rows = rows_of(index, "train"), rows_of(index, "val")
     if len(train_rows) == 0 or len(val_rows) == 0:
         raise DataError(f"need images in both train and val, have {len(train_rows)} and {len(val_rows)}: "
@@ -53,13 +62,13 @@ def run(job: Job) -> dict:
     weights = job.inputs["weights"]
     with private_rng(runtime):
         torch.manual_seed(settings["seed"])
-        model = build_model(settings["backbone"], len(classes), weights.get("path"), image_size)
-    log.info("training %s on %d images (%d val), %d classes, on %s%s%s", settings["backbone"], len(train_rows),
-             len(val_rows), len(classes), runtime.device, ", bf16" if runtime.bf16 else "",
-             ", channels-last" if runtime.channels_last else "")
+        model = build_model(settings["backbone"], head.outputs, weights.get("path"), image_size)
+    log.info("training %s (%s head, %s recipe) on %d images (%d val), %d classes, on %s%s%s", settings["backbone"],
+             head.kind, recipe.name, len(train_rows), len(val_rows), len(classes), runtime.device,
+             ", bf16" if runtime.bf16 else "", ", channels-last" if runtime.channels_last else "")
     job.scratch.mkdir(parents=True, exist_ok=True)
-    result = fit(model, array, labels, train_rows, val_rows, settings, runtime, job.scratch / "checkpoint.pt", log,
-                 on_epoch=TrainingProgress(settings["epochs"]))
+    result = fit(model, array, targets, labels, train_rows, val_rows, settings, runtime, job.scratch / "checkpoint.pt",
+                 head, recipe, log, on_epoch=TrainingProgress(settings["epochs"]))
     best = result["history"][result["best_epoch"] - 1]
     seconds = sum(t["seconds"] for t in result["timings"])
     with job.output() as out:
@@ -68,7 +77,8 @@ def run(job: Job) -> dict:
         pd.DataFrame(result["history"]).to_csv(out.path("history.csv"), index=False)
         pd.DataFrame(result["timings"]).to_csv(out.path("timings.csv"), index=False)
         base.save(training.training_curves(result["history"]), out.path("curves.png"))
-        write_json(out.path("config.json"), {**settings, "weights": weights, "classes": classes,
+        write_json(out.path("config.json"), {**settings, "weights": weights, "classes": classes, "head": head.kind,
+                                             "recipe_parameters": recipe.describe(),
                                              "image_size": image_size, "device": str(runtime.device),
                                              "bf16": runtime.bf16, "channels_last_runtime": runtime.channels_last})
         out.add("model", "model.safetensors")
@@ -78,11 +88,13 @@ def run(job: Job) -> dict:
         out.add("config", "config.json", keyed=False)
         summary = TrainSummary(
             best_epoch=result["best_epoch"], best_val_loss=best["val_loss"], best_val_acc=best["val_acc"],
+            head=head.kind, recipe=recipe.name,
             epochs=settings["epochs"], resumed_from_epoch=result["resumed_from"], train_images=len(train_rows),
             val_images=len(val_rows), device=str(runtime.device), bf16=runtime.bf16, training_seconds=round(seconds, 2),
             train_images_per_s=float(np.mean([t["images_per_s"] for t in result["timings"][-2:]])))
         return out.finish(summary, {"backbone": settings["backbone"], "precision": settings["precision"],
-                                    "channels_last": settings["channels_last"]})
+                                    "channels_last": settings["channels_last"], "head": head.kind,
+                                    "outputs": head.outputs, "tta": recipe.tta, "ages": ages is not None})
 
 
 def describe(s: TrainSummary) -> str:
@@ -93,8 +105,9 @@ def report_section(view) -> list[str]:
     from tasks.reporting.markdown import escape, image
 
     s = view.summary
-    return [f"**{escape(view.context['backbone'])}** at {view.context['image_size']} px, {s.epochs} epochs (kept "
-            f"epoch {s.best_epoch}, lowest val loss), trained on {s.train_images} images.",
+    return [f"**{escape(view.context['backbone'])}** at {view.context['image_size']} px, {escape(s.head)} head, "
+            f"{escape(s.recipe)} recipe, {s.epochs} epochs (kept epoch {s.best_epoch}, lowest val loss), trained on "
+            f"{s.train_images} images.",
             "## Training curves", image(view.path("curves"), "loss and accuracy curves", 640)]
 
 

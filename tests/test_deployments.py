@@ -213,8 +213,8 @@ def test_serve_beside_deployed_deployments(server, dataset, tmp_path_factory):
                               "--out", str(out), *TINY], cwd=REPO, env=server.env, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
     try:
-        wait_for(lambda: any(d["name"] == "served" for d in server.api("POST", "/deployments/filter", json={})),
-                 what="served deployments")
+        wait_for(lambda: sum(d["name"] == "served" for d in server.api("POST", "/deployments/filter", json={})) >= 2,
+                 what="both served deployments")
         served = watch(server, "watch-data/served")
         assert served["parameters"]["pipeline"] == "age-pipeline/served"
         assert triggered(server, "age-pipeline/served", 1)[0]["state_type"] == "COMPLETED"

@@ -66,3 +66,41 @@ def test_all_takes_every_image_without_warnings(table):
     manifest, summary = make_manifest(table, CLASSES, "all", 0, "identity", 0.2, 0.0)
     assert len(manifest) == len(table) and summary["warnings"] == []
     assert summary["per_class"] == table["label"].value_counts().reindex(CLASSES).to_dict()
+
+
+def _people(count: int, images: int, start: int = 0, seed: int = 0) -> pd.DataFrame:
+    """`count` people with `images` photos each over a decade or two."""
+    rng = np.random.default_rng(seed)
+    rows = [{"path": f"p{person}_{k}.jpg", "age": int(14 + (person % 6) * 9 + rng.integers(0, 9)), "identity": person}
+            for person in range(start, start + count) for k in range(images)]
+    raw = pd.DataFrame(rows)
+    return validate(raw, Listing(set(raw["path"]), set()))[0]
+
+
+@pytest.mark.parametrize("split_by", ["identity", "image"])
+def test_the_test_split_is_stable_as_the_data_grows(split_by):
+    before = _people(120, 6)
+    grown = pd.concat([before, _people(120, 6, start=120, seed=1),  # new people ...
+                       _people(120, 3, seed=2).assign(path=lambda t: t["path"].str.replace(".jpg", "_new.jpg"))])
+    grown = validate(grown[["path", "age", "identity"]], Listing(set(grown["path"]), set()))[0]  # ... and new photos
+    first, summary = make_manifest(before, CLASSES, "all", 3, split_by, 0.2, 0.15)
+    second, _ = make_manifest(grown, CLASSES, "all", 3, split_by, 0.2, 0.15)
+    key = "identity" if split_by == "identity" else "path"
+    was_test = set(first.loc[first["split"] == "test", key])
+    now = second.set_index("path")["split"]
+    assert was_test and summary["test_frac"] == 0.15
+    for name in was_test:  # every test identity's (image's) rows, old and new, are still test
+        rows = second[second[key] == name]
+        assert len(rows) and (rows["split"] == "test").all(), name
+    was_trained = set(first.loc[first["split"] != "test", key])
+    assert not was_trained & set(second.loc[second["split"] == "test", key])  # nothing seen in training joins test
+    share = (second["split"] == "test").groupby(second["label"]).mean()
+    assert share.between(0.05, 0.3).all(), share  # each class keeps about its share
+    assert abs((second["split"] == "test").mean() - 0.15) < 0.05
+    assert now.loc[first.loc[first["split"] == "test", "path"]].eq("test").all()
+
+
+def test_small_classes_get_no_test_split_and_say_so():
+    manifest, summary = make_manifest(_people(12, 6), CLASSES, 10, 0, "identity", 0.2, 0.15)
+    assert "test" not in set(manifest["split"]) and summary["test_frac"] == 0.0
+    assert summary["warnings"][-1].startswith("no test split: class 10s has 10 images")

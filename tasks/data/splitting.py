@@ -1,10 +1,22 @@
-"""A stratified sample per class, split into train/val(/test) by identity or by image."""
+"""A stratified sample per class, split into train/val/test by identity or by image.
+
+The test split is decided first and on its own: an identity (or, split by image, an image) is in
+test when a seeded hash of its name falls below `test_frac`. That decision never depends on the
+other rows, so a data set that grows never moves a test identity into train or val, and a model
+trained earlier never saw any of today's test images. Train and val then divide the rest, each
+class close to its share (by identity: a greedy assignment; by image: a stratified shuffle).
+"""
 
 from __future__ import annotations
+
+import hashlib
 
 import numpy as np
 import pandas as pd
 from sklearn.model_selection import train_test_split
+
+# A test split needs this many drawn images in every class, or its per-class numbers mean little.
+MIN_PER_CLASS_FOR_TEST = 20
 
 SPLITS = ("train", "val", "test")
 
@@ -29,6 +41,18 @@ def sample_per_class(table: pd.DataFrame, per_class: int | str, seed: int) -> tu
 
 def split_fractions(val_frac: float, test_frac: float) -> dict[str, float]:
     return {"train": 1.0 - val_frac - test_frac, "val": val_frac, "test": test_frac}
+
+
+def hash_unit(seed: int, names: pd.Series) -> np.ndarray:
+    """A number in [0, 1) per name, fixed by (seed, name) alone."""
+    return np.array([int.from_bytes(hashlib.sha256(f"{seed}\0{name}".encode()).digest()[:8], "big") / 2**64
+                     for name in names.astype(str)])
+
+
+def in_test(table: pd.DataFrame, split_by: str, test_frac: float, seed: int) -> np.ndarray:
+    """Which rows are test rows: their identity's (or image's) hash is below test_frac."""
+    names = table["identity"] if split_by == "identity" else table["path"]
+    return hash_unit(seed, names) < test_frac
 
 
 def assign_by_identity(table: pd.DataFrame, fractions: dict[str, float], seed: int) -> np.ndarray:
@@ -95,9 +119,20 @@ def split_summary(manifest: pd.DataFrame, classes: list[str]) -> dict:
 def make_manifest(table: pd.DataFrame, classes: list[str], per_class: int | str, seed: int, split_by: str,
                   val_frac: float, test_frac: float) -> tuple[pd.DataFrame, dict]:
     sampled, warnings = sample_per_class(table, per_class, seed)
-    fractions = split_fractions(val_frac, test_frac)
+    counts = sampled["label"].value_counts()
+    small = {c: int(counts.get(c, 0)) for c in classes if counts.get(c, 0) < MIN_PER_CLASS_FOR_TEST}
+    if test_frac > 0 and small:
+        warnings.append(f"no test split: {', '.join(f'class {c} has {n} images' for c, n in small.items())}, fewer "
+                        f"than the {MIN_PER_CLASS_FOR_TEST} per class a test split needs; reported metrics are "
+                        "validation metrics")
+        test_frac = 0.0
+    test = in_test(sampled, split_by, test_frac, seed) if test_frac > 0 else np.zeros(len(sampled), bool)
+    rest = sampled[~test].reset_index(drop=True)
+    fractions = split_fractions(val_frac / (1 - test_frac), 0.0)
     assign = assign_by_identity if split_by == "identity" else assign_by_image
-    sampled["split"] = assign(sampled, fractions, seed)
+    split = np.full(len(sampled), "test", dtype=object)
+    split[~test] = assign(rest, fractions, seed) if len(rest) else []
+    sampled["split"] = split.astype(str)
     summary = split_summary(sampled, classes)
-    summary.update(split_by=split_by, warnings=warnings)
+    summary.update(split_by=split_by, warnings=warnings, test_frac=test_frac)
     return sampled, summary

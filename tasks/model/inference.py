@@ -99,23 +99,42 @@ def runtime_for(job: Job) -> Runtime:
     return Runtime.resolve(job.settings["device"], job.context["precision"], job.context["channels_last"])
 
 
+def head_of(facts: dict):
+    """The trained model's head (from the facts the train stage recorded)."""
+    from tasks.model.heads import Head
+
+    return Head(facts["head"], tuple(facts["classes"]))
+
+
 def load_trained(job: Job, runtime: Runtime) -> torch.nn.Module:
     facts = job.context
-    model = build_model(facts["backbone"], len(facts["classes"]), image_size=facts["image_size"])
+    model = build_model(facts["backbone"], facts["outputs"], image_size=facts["image_size"])
     model.load_state_dict(load_file(job.path("train", "model")))
     return prepare(model, runtime).eval()
 
 
 @torch.no_grad()
-def predict(model, array: np.ndarray, rows: np.ndarray, runtime: Runtime, batch_size: int) -> np.ndarray:
-    """Class probabilities (len(rows), C) in float32, in the order of `rows`."""
+def predict_logits(model, array: np.ndarray, rows: np.ndarray, runtime: Runtime, batch_size: int,
+                   tta: bool = False) -> np.ndarray:
+    """Logits (len(rows), outputs) in float32, in the order of `rows`; with `tta`, the mean of the
+    image's and its mirror image's."""
     model.eval()
-    probs = []
+    found = []
     for _, batch in batches(array, batch_rows(np.asarray(rows), batch_size), runtime.device):
+        x = model_input(batch, runtime)
         with runtime.autocast():
-            logits = model(model_input(batch, runtime))
-        probs.append(torch.softmax(logits.float(), 1).cpu())
-    return _in_order(torch.cat(probs).numpy(), rows, batch_size)
+            logits = model(x).float()
+            if tta:
+                logits = (logits + model(x.flip(3)).float()) / 2
+        found.append(logits.cpu())
+    return _in_order(torch.cat(found).numpy(), rows, batch_size)
+
+
+def predict(model, array: np.ndarray, rows: np.ndarray, runtime: Runtime, batch_size: int,
+            temperature: float = 1.0, tta: bool = False) -> np.ndarray:
+    """Probabilities of the model's outputs (len(rows), outputs), softmax(logits / temperature)."""
+    logits = predict_logits(model, array, rows, runtime, batch_size, tta)
+    return torch.softmax(torch.from_numpy(logits) / temperature, 1).numpy()
 
 
 @torch.no_grad()

@@ -2,10 +2,13 @@
 `evaluate`, a checkpoint after every epoch, resumed when present. The epoch kept is the one with
 the lowest validation loss, chosen by the code, not by eye. Batches stream from the decoded
 array; everything random in an epoch derives from (seed, epoch) and a private generator, so a
-resumed run repeats the epochs it redoes exactly."""
+resumed run repeats the epochs it redoes exactly. What is trained (the head) and how (the
+recipe: optimiser, schedule, augmentation, moving average) come from tasks/model/heads.py and
+tasks/model/recipes.py."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -19,24 +22,55 @@ from tqdm.auto import tqdm
 
 from tasks.core.errors import DataError
 from tasks.data.arrays import batch_rows, batches
-from tasks.model.inference import Runtime, normalise, predict, prepare, to_float
+from tasks.model.heads import Head
+from tasks.model.inference import Runtime, normalise, predict_logits, prepare, to_float
+from tasks.model.recipes import Recipe
 
 BRIGHTNESS = CONTRAST = 0.2  # the reference's ColorJitter(0.2, 0.2)
+SATURATION = 0.2  # the strong policy's, in addition
+SCALE = (0.75, 1.0)  # the strong policy: share of the image side kept by the random crop
+ERASE = 0.25  # the strong policy: chance of erasing a random rectangle (2-15% of the image)
 
 
-def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random horizontal flip and ColorJitter(brightness, contrast), drawn per image, on
-    float images in [0, 1]. Written here because torchvision's tensor ColorJitter draws one
-    factor per call, i.e. per batch, where the reference (PIL, per image) draws one per image."""
+def augment(x: torch.Tensor, generator: torch.Generator, policy: str = "reference") -> torch.Tensor:
+    """Augmentation drawn per image, on float images in [0, 1]. `reference`: random horizontal flip
+    and ColorJitter(brightness, contrast). `strong`: also saturation, a random crop of 75-100% of
+    the side at a random place (scaled back up), and random erasing. Written here because
+    torchvision's tensor transforms draw one factor per call, i.e. per batch, where the
+    reference (PIL, per image) draws one per image."""
     n = x.shape[0]
-    draws = torch.rand(n, 3, generator=generator).to(x.device)
+    draws = torch.rand(n, 10, generator=generator).to(x.device)
     flip = (draws[:, 0] < 0.5).view(n, 1, 1, 1)
     x = torch.where(flip, x.flip(3), x)
+    if policy == "strong":
+        scale = SCALE[0] + (SCALE[1] - SCALE[0]) * draws[:, 3]
+        shift = (1 - scale)[:, None] * (2 * draws[:, 4:6] - 1)  # where the crop sits, in [-1, 1] units
+        theta = torch.zeros(n, 2, 3, device=x.device)
+        theta[:, 0, 0] = theta[:, 1, 1] = scale
+        theta[:, :, 2] = shift
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
     brightness = (1 + BRIGHTNESS * (2 * draws[:, 1] - 1)).view(n, 1, 1, 1)
     contrast = (1 + CONTRAST * (2 * draws[:, 2] - 1)).view(n, 1, 1, 1)
     x = (x * brightness).clamp_(0, 1)
-    grey = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).mean(dim=(1, 2)).view(n, 1, 1, 1)
-    return ((x - grey) * contrast + grey).clamp_(0, 1)
+    grey = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+    x = ((x - grey.mean(dim=(2, 3), keepdim=True)) * contrast + grey.mean(dim=(2, 3), keepdim=True)).clamp_(0, 1)
+    if policy == "strong":
+        saturation = (1 + SATURATION * (2 * draws[:, 6] - 1)).view(n, 1, 1, 1)
+        grey = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+        x = ((x - grey) * saturation + grey).clamp_(0, 1)
+        h, w = x.shape[-2:]
+        area = 0.02 + 0.13 * draws[:, 7]
+        side_h, side_w = (area.sqrt() * h).long().clamp(min=1), (area.sqrt() * w).long().clamp(min=1)
+        top = (draws[:, 8] * (h - side_h)).long()
+        left = (draws[:, 9] * (w - side_w)).long()
+        rows = torch.arange(h, device=x.device).view(1, h, 1)
+        cols = torch.arange(w, device=x.device).view(1, 1, w)
+        box = ((rows >= top.view(n, 1, 1)) & (rows < (top + side_h).view(n, 1, 1))
+               & (cols >= left.view(n, 1, 1)) & (cols < (left + side_w).view(n, 1, 1)))
+        erase = (torch.rand(n, generator=generator).to(x.device) < ERASE).view(n, 1, 1)
+        x = torch.where((box & erase).unsqueeze(1), torch.full_like(x, 0.5), x)
+    return x
 
 
 def epoch_plan(rows: np.ndarray, batch_size: int, max_steps: int | None, generator: torch.Generator) -> list[np.ndarray]:
@@ -45,30 +79,66 @@ def epoch_plan(rows: np.ndarray, batch_size: int, max_steps: int | None, generat
     return batch_rows(np.asarray(rows)[order], batch_size, max_steps)
 
 
-def train_one_epoch(model, array: np.ndarray, labels: np.ndarray, plan: list[np.ndarray], optimizer,
-                    runtime: Runtime, generator: torch.Generator, desc: str = "") -> dict:
-    """One pass over `plan`; `labels[row]` is each array row's class. Returns loss, accuracy
-    and the number of images seen."""
+class Averaged:
+    """An exponential moving average of the weights (and a copy of the buffers), whose horizon is
+    a share of the training steps, so short and long trainings average alike."""
+
+    def __init__(self, model: torch.nn.Module, share: float, total_steps: int):
+        self.model = copy.deepcopy(model).eval()
+        self.decay = 1 - 1 / max(1.0, share * total_steps)
+        self.steps = 0
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        self.steps += 1
+        decay = min(self.decay, (1 + self.steps) / (10 + self.steps))  # the first steps count fully
+        for mine, theirs in zip(self.model.state_dict().values(), model.state_dict().values()):
+            if mine.dtype.is_floating_point:
+                mine.mul_(decay).add_(theirs.detach(), alpha=1 - decay)
+            else:
+                mine.copy_(theirs)
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.steps = state["steps"]
+
+
+def train_one_epoch(model, array: np.ndarray, targets: np.ndarray, labels: np.ndarray, plan: list[np.ndarray],
+                    optimizer, runtime: Runtime, generator: torch.Generator, head: Head, recipe: Recipe,
+                    scheduler=None, averaged: Averaged | None = None, desc: str = "") -> dict:
+    """One pass over `plan`. `targets[row]` is what each array row is trained on (its class, or
+    its age for the ages head), `labels[row]` its class. Returns loss, accuracy and images seen."""
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
     for rows, batch in tqdm(batches(array, plan, runtime.device), total=len(plan), desc=desc, leave=False,
                             unit="batch", disable=None):
-        x = normalise(augment(to_float(batch, runtime), generator))
-        y = torch.from_numpy(labels[rows]).to(runtime.device)
+        x = normalise(augment(to_float(batch, runtime), generator, recipe.augment))
+        y = torch.from_numpy(targets[rows]).to(runtime.device)
         with runtime.autocast():
             logits = model(x)
-        loss = F.cross_entropy(logits.float(), y)
+        loss = head.loss(logits, y, recipe.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        if averaged is not None:
+            averaged.update(model)
         total_loss += loss.item() * len(rows)
-        correct += int((logits.argmax(1) == y).sum())
+        predicted = head.class_probs(torch.softmax(logits.detach().float(), 1).cpu().numpy()).argmax(1)
+        correct += int((predicted == labels[rows]).sum())
         seen += len(rows)
     return {"loss": total_loss / seen, "acc": correct / seen, "images": seen}
 
 
-def evaluate(model, array: np.ndarray, labels: np.ndarray, rows: np.ndarray, runtime: Runtime, batch_size: int) -> dict:
-    probs = predict(model, array, rows, runtime, batch_size)
+def evaluate(model, array: np.ndarray, labels: np.ndarray, rows: np.ndarray, runtime: Runtime, batch_size: int,
+             head: Head, tta: bool = False) -> dict:
+    """Validation loss (the negative log-likelihood of the true class) and accuracy."""
+    logits = predict_logits(model, array, rows, runtime, batch_size, tta)
+    probs = head.class_probs(torch.softmax(torch.from_numpy(logits), 1).numpy())
     actual = labels[rows]
     picked = np.clip(probs[np.arange(len(rows)), actual], 1e-12, None)
     return {"loss": float(-np.log(picked).mean()), "acc": float((probs.argmax(1) == actual).mean())}
@@ -91,35 +161,67 @@ def private_rng(runtime: Runtime):
     return torch.random.fork_rng(devices=[runtime.device] if runtime.device.type == "cuda" else [])
 
 
-def fit(model, array: np.ndarray, labels: np.ndarray, train_rows: np.ndarray, val_rows: np.ndarray, settings: dict,
-        runtime: Runtime, checkpoint: Path, log=None, on_epoch=None) -> dict:
+def optimiser(model: torch.nn.Module, recipe: Recipe, lr: float, total_steps: int):
+    """(optimiser, per-step scheduler or None). Weight decay spares biases and norms (1-d weights)."""
+    if recipe.optimizer == "adam":
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=recipe.weight_decay)
+    else:
+        decayed = [p for p in model.parameters() if p.ndim > 1]
+        rest = [p for p in model.parameters() if p.ndim <= 1]
+        optimizer = torch.optim.AdamW([{"params": decayed, "weight_decay": recipe.weight_decay},
+                                       {"params": rest, "weight_decay": 0.0}], lr=lr)
+    if recipe.schedule == "constant" and recipe.warmup == 0:
+        return optimizer, None
+    warm = max(1, round(recipe.warmup * total_steps)) if recipe.warmup else 0
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if recipe.schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total_steps - warm))))
+        return 1.0
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def fit(model, array: np.ndarray, targets: np.ndarray, labels: np.ndarray, train_rows: np.ndarray,
+        val_rows: np.ndarray, settings: dict, runtime: Runtime, checkpoint: Path, head: Head, recipe: Recipe,
+        log=None, on_epoch=None) -> dict:
     """Train for settings['epochs'] (at most settings['max_steps'] batches each, for training and
-    for validation), checkpointing each epoch into `checkpoint` and resuming from it when present. `on_epoch(epoch, row)` is
-    called after each epoch. Returns history, timings, the best epoch and its weights."""
+    for validation), checkpointing each epoch into `checkpoint` and resuming from it when present.
+    `on_epoch(epoch, row)` is called after each epoch. Returns history, timings, the best epoch and
+    its weights (the moving average's, when the recipe keeps one)."""
     model = prepare(model, runtime)
-    optimizer = torch.optim.Adam(model.parameters(), lr=settings["lr"])
+    epochs, batch_size = settings["epochs"], settings["batch_size"]
+    steps_per_epoch = len(batch_rows(np.asarray(train_rows), batch_size, settings["max_steps"]))
+    optimizer, scheduler = optimiser(model, recipe, settings["lr"], epochs * steps_per_epoch)
+    averaged = Averaged(model, recipe.ema, epochs * steps_per_epoch) if recipe.ema else None
     history, timings, best, start = [], [], {"epoch": 0, "val_loss": math.inf, "state": None}, 1
     if checkpoint.exists():
         saved = torch.load(checkpoint, map_location=runtime.device, weights_only=True)
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(saved["scheduler"])
+        if averaged is not None:
+            averaged.load_state_dict(saved["averaged"])
         history, timings, best, start = saved["history"], saved["timings"], saved["best"], saved["epoch"] + 1
         if log:
-            log.info("resuming from the checkpoint of epoch %d of %d (%s)", saved["epoch"], settings["epochs"], checkpoint)
-    epochs = settings["epochs"]
+            log.info("resuming from the checkpoint of epoch %d of %d (%s)", saved["epoch"], epochs, checkpoint)
     with private_rng(runtime):
         for epoch in range(start, epochs + 1):
             this_seed = epoch_seed(settings["seed"], epoch)
             torch.manual_seed(this_seed)
             generator = torch.Generator().manual_seed(this_seed)
-            plan = epoch_plan(train_rows, settings["batch_size"], settings["max_steps"], generator)
+            plan = epoch_plan(train_rows, batch_size, settings["max_steps"], generator)
             began = time.perf_counter()
-            train_metrics = train_one_epoch(model, array, labels, plan, optimizer, runtime, generator,
-                                            desc=f"epoch {epoch}/{epochs}")
+            train_metrics = train_one_epoch(model, array, targets, labels, plan, optimizer, runtime, generator, head,
+                                            recipe, scheduler, averaged, desc=f"epoch {epoch}/{epochs}")
             seconds = time.perf_counter() - began
             val_size = settings["eval_batch_size"]
             capped = val_rows if settings["max_steps"] is None else val_rows[: settings["max_steps"] * val_size]
-            val_metrics = evaluate(model, array, labels, capped, runtime, batch_size=val_size)
+            judged = averaged.model if averaged is not None else model
+            val_metrics = evaluate(judged, array, labels, capped, runtime, val_size, head, recipe.tta)
             row = {"epoch": epoch, "train_loss": train_metrics["loss"], "train_acc": train_metrics["acc"],
                    "val_loss": val_metrics["loss"], "val_acc": val_metrics["acc"]}
             history.append(row)
@@ -127,13 +229,15 @@ def fit(model, array: np.ndarray, labels: np.ndarray, train_rows: np.ndarray, va
                             "images_per_s": train_metrics["images"] / seconds})
             if val_metrics["loss"] < best["val_loss"]:
                 best = {"epoch": epoch, "val_loss": val_metrics["loss"],
-                        "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
+                        "state": {k: v.detach().cpu().clone() for k, v in judged.state_dict().items()}}
             if log:
                 log.info("epoch %d/%d: train loss %.4f acc %.3f | val loss %.4f acc %.3f | %.1f img/s%s", epoch, epochs,
                          row["train_loss"], row["train_acc"], row["val_loss"], row["val_acc"],
                          timings[-1]["images_per_s"], " (best so far)" if best["epoch"] == epoch else "")
             # Saved before anything is reported, so an interrupt after the report loses nothing.
             _save_atomic({"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                          "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                          "averaged": averaged.state_dict() if averaged is not None else None,
                           "history": history, "timings": timings, "best": best}, checkpoint)
             checkpoint.with_suffix(".json").write_text(json.dumps({"epoch": epoch, "epochs": epochs}))
             if on_epoch:

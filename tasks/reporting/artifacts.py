@@ -22,6 +22,7 @@ from tasks.reporting.tables import Table
 REPORT = "run-report"
 RUNS = "runs"
 RETRAINING = "retraining"
+DECISION = "model-decision"
 
 
 def artifact_key(name: str, scope: str | None = None) -> str:

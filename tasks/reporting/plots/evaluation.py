@@ -39,3 +39,21 @@ def embedding_scatter(coords: np.ndarray, labels: list[str], classes: list[str],
     ax.set_title(title, **TEXT)
     fig.tight_layout()
     return fig
+
+
+def reliability_diagram(curves: dict[str, list[dict]], title: str) -> Figure:
+    """Accuracy against confidence per bin, before and after calibration; the diagonal is perfect."""
+    fig = Figure(figsize=(5.5, 5))
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfectly calibrated")
+    for name, style in (("before", dict(marker="o", alpha=0.6)), ("after", dict(marker="s"))):
+        rows = curves[name]
+        ax.plot([r["confidence"] for r in rows], [r["accuracy"] for r in rows], label=f"{name} calibration", **style)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence (probability of the predicted class)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(title, **TEXT)
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,241 @@
+"""`agelens predict` and the `predict` flow: a trained model applied to photos.
+
+Every image file found (folders are searched recursively) is read as it is meant to be seen,
+its faces found with YuNet (or, with `--no-detect`, taken whole, as the demo's faces and
+pre-cropped sets are), each face cropped with a margin as the training faces are framed, and
+scored in batches with the champion of a configuration (flows/models.py) or a run's model:
+decade, calibrated probability of every decade, expected age. Files that are not images, cannot
+be read or hold no face are listed with the reason, never a crash.
+"""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tasks.core.errors import AgelensError, DataError
+
+READERS = 2  # threads reading and detecting while the model scores
+
+
+@dataclass
+class Scorer:
+    model: object
+    runtime: object
+    head: object
+    facts: dict
+    source: str  # what the model is, for people
+    digest: str
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.facts["classes"])
+
+
+def load_scorer(out: str | Path, config: str | None = None, run: str | None = None, device: str = "auto") -> Scorer:
+    """The champion of `config` (the only configuration when there is one), or a run's model."""
+    from safetensors.torch import load_file
+
+    from flows import models
+    from flows.runs import read_runs
+    from tasks.core.stage import output_path, read_result
+    from tasks.model.backbones import build_model
+    from tasks.model.heads import Head
+    from tasks.model.inference import Runtime, prepare
+
+    out = Path(out).expanduser().resolve()
+    if run:
+        rows = [r for r in read_runs(out) if r["run_id"].startswith(run)]
+        if len({r["run_id"] for r in rows}) != 1:
+            raise AgelensError(f"--run {run!r} names {'no' if not rows else 'more than one'} recorded run in {out}")
+        results = {s: read_result(out, s, rows[-1]["stages"].get(s, "")) for s in ("train", "calibrate", "decode", "extract")}
+        missing = [s for s, r in results.items() if r is None]
+        if missing:
+            raise AgelensError(f"run {run} has no {', '.join(missing)} stage in {out} (not run that far, or removed by gc)")
+        facts = {k: v for r in results.values() for k, v in r.get("meta", {}).items()}
+        weights, source = output_path(out, results["train"], "model"), f"run {rows[-1]['run_id'][:8]}"
+        digest = results["train"]["outputs"]["model"]["sha256"]
+    else:
+        found = models.configs(out)
+        if config is None and len(found) != 1:
+            raise AgelensError(f"no champion model in {out}: run the pipeline to its compare stage first" if not found else
+                               f"{out} holds models of several configurations ({', '.join(found)}): pass --config ID "
+                               "(see agelens models)")
+        config = config or found[0]
+        champion = models.champion(out, config)
+        if champion is None:
+            raise AgelensError(f"configuration {config} has no champion in {out} (see agelens models)")
+        facts, digest = champion["facts"], champion["model_digest"]
+        weights = models.folder(out, config) / champion["folder"] / "model.safetensors"
+        source = f"champion of configuration {config} (run {champion['run_id'][:8]})"
+    runtime = Runtime.resolve(device, facts["precision"], facts["channels_last"])
+    model = build_model(facts["backbone"], facts["outputs"], image_size=facts["image_size"])
+    model.load_state_dict(load_file(weights))
+    return Scorer(prepare(model, runtime).eval(), runtime, Head(facts["head"], tuple(facts["classes"])), facts,
+                  source, digest)
+
+
+def _faces(path: Path, detector, size: int) -> tuple[list[tuple[np.ndarray, dict]], str | None]:
+    """([(crop, where)], reason it has none)."""
+    from tasks.model.faces import crop, read_image, resize
+
+    try:
+        rgb = read_image(path)
+    except DataError as error:
+        return [], str(error)
+    if detector is None:
+        height, width = rgb.shape[:2]
+        return [(resize(rgb, size), {"x": 0, "y": 0, "w": width, "h": height, "detection_score": None})], None
+    faces = detector(rgb)
+    if not faces:
+        return [], "no face found"
+    return [(crop(rgb, f.box, size), {"x": f.box[0], "y": f.box[1], "w": f.box[2], "h": f.box[3],
+                                      "detection_score": round(f.score, 4)}) for f in faces], None
+
+
+def score(paths: list[str], scorer: Scorer, detect: bool = True, face_model: str | None = None, batch_size: int = 64,
+          explain: Path | None = None, progress: bool = True) -> tuple[list[dict], list[dict]]:
+    """(one row per face, [{file, reason}] for every file without one)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from tasks.model.faces import Detector, face_model as locate, find_images
+    from tasks.model.inference import predict
+
+    files, skipped = find_images(paths)
+    detector = Detector(locate(face_model)) if detect and files else None
+    size, rows, pending = scorer.facts["image_size"], [], []
+
+    def flush() -> None:
+        if not pending:
+            return
+        crops = np.stack([c for c, _ in pending])
+        probs = predict(scorer.model, crops, np.arange(len(crops)), scorer.runtime, batch_size,
+                        scorer.facts["temperature"], scorer.facts["tta"])
+        classes, ages = scorer.head.class_probs(probs), scorer.head.expected_age(probs)
+        for i, (_, where) in enumerate(pending):
+            best = int(classes[i].argmax())
+            rows.append({**where, "decade": scorer.classes[best], "probability": round(float(classes[i, best]), 4),
+                         **{f"prob_{c}": round(float(p), 4) for c, p in zip(scorer.classes, classes[i])},
+                         "expected_age": None if ages is None else round(float(ages[i]), 1)})
+        if explain is not None:
+            _explain(scorer, crops, [w for _, w in pending], explain)
+        pending.clear()
+
+    with ThreadPoolExecutor(READERS) as pool, torch.no_grad():
+        found = pool.map(lambda p: _faces(p, detector, size), files)
+        for path, (faces, reason) in tqdm(zip(files, found), total=len(files), desc="predict", unit="img",
+                                          disable=None if progress else True):
+            if reason:
+                skipped.append({"file": str(path), "reason": reason})
+            for k, (face, where) in enumerate(faces):
+                pending.append((face, {"file": str(path), "face": k, **where}))
+                if len(pending) >= batch_size:
+                    flush()
+        flush()
+    for row in rows:
+        row.update(temperature=scorer.facts["temperature"], model=scorer.digest[:16])
+    return rows, skipped
+
+
+def _explain(scorer: Scorer, crops: np.ndarray, where: list[dict], folder: Path) -> None:
+    """A Grad-CAM overlay per face: face | Grad-CAM over it."""
+    import torch
+
+    from tasks.attribution.cams import cam_maps
+    from tasks.attribution.layers import cam_layer_of
+    from tasks.model.inference import model_input
+    from tasks.reporting.plots import grids
+    from tasks.reporting.plots.base import overlay
+
+    folder.mkdir(parents=True, exist_ok=True)
+    layer = cam_layer_of(scorer.model, "auto", scorer.facts["image_size"])
+    maps, _, _ = cam_maps(scorer.model, model_input(torch.from_numpy(crops), scorer.runtime), layer, ["grad_cam"])
+    for crop, heat, w in zip(crops, maps["grad_cam"].cpu().numpy(), where):
+        name = f"{Path(w['file']).stem}_face{w['face']}.png"
+        grids.save(grids.picture_table([[(crop, "face"), (overlay(crop, heat), f"Grad-CAM on {layer}")]],
+                                       f"{w['file']} (face {w['face']})"), folder / name)
+        w["explanation"] = str(folder / name)
+
+
+def write(rows: list[dict], target: Path) -> None:
+    """CSV or Parquet, by the file's suffix; written atomically."""
+    import pandas as pd
+
+    from tasks.core.stage import atomic_write_bytes
+
+    table = pd.DataFrame(rows)
+    if target.suffix.lower() == ".parquet":
+        tmp = target.with_name(f".{target.name}.partial")
+        table.to_parquet(tmp, index=False)
+        tmp.replace(target)
+    elif target.suffix.lower() == ".csv":
+        atomic_write_bytes(target, table.to_csv(index=False).encode())
+    else:
+        raise AgelensError(f"--out {target}: write .csv or .parquet")
+
+
+def predict_folder_flow():
+    """The Prefect flow (built on first use, so `agelens predict` itself needs no Prefect)."""
+    from prefect import flow, get_run_logger
+
+    from flows.models import config_id
+    from flows.settings import RunSettings
+    from tasks.reporting.artifacts import publish_run
+    from tasks.reporting.tables import Table
+
+    @flow(name="predict")
+    def predict_folder(folder: str, settings: RunSettings = RunSettings(), detect: bool = True) -> dict:
+        """Score every photo below `folder` with the champion of these settings' configuration; the
+        table goes to <out>/predictions/ and to a Prefect artifact."""
+        from datetime import datetime, timezone
+
+        from prefect.runtime import deployment
+
+        log = get_run_logger()
+        scorer = load_scorer(settings.out, config_id(settings), device=settings.device)
+        rows, skipped = score([folder], scorer, detect=detect, progress=False)
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        target = Path(settings.out).expanduser().resolve() / "predictions" / f"{stamp}.parquet"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        write(rows, target)
+        publish_run([Table("predictions", rows[:500], f"{len(rows)} faces in {folder} scored by the {scorer.source}"),
+                     Table("predictions-skipped", skipped[:500], f"{len(skipped)} files without a face")], None,
+                    deployment.name)
+        log.info("%d faces scored, %d files skipped; table: %s", len(rows), len(skipped), target)
+        return {"faces": len(rows), "skipped": len(skipped), "table": str(target), "model": scorer.source}
+
+    return predict_folder
+
+
+def main_predict(args) -> int:
+    """`agelens predict PATH...`"""
+    scorer = load_scorer(args.models, args.config, args.run, args.device)
+    rows, skipped = score(args.paths, scorer, detect=not args.no_detect, face_model=args.face_model,
+                          batch_size=args.batch_size, explain=Path(args.explain) if args.explain else None,
+                          progress=not args.json)
+    if args.out:
+        write(rows, Path(args.out).expanduser())
+    if args.json:
+        print(json.dumps({"model": scorer.source, "faces": rows, "skipped": skipped}))
+        return 0
+    for row in rows:
+        age = f", about {row['expected_age']:.0f}" if row["expected_age"] is not None else ""
+        where = "" if row["detection_score"] is None else f" face {row['face']} at ({row['x']}, {row['y']})"
+        print(f"{row['file']}{where}: {row['decade']} (p={row['probability']:.2f}{age})")
+    for item in skipped:
+        print(f"{item['file']}: skipped, {item['reason']}")
+    print(f"{len(rows)} faces scored by the {scorer.source}; {len(skipped)} files skipped"
+          + (f"; table: {args.out}" if args.out else ""))
+    return 0
+
+
+def __getattr__(name: str):
+    """`flows/predict.py:predict_folder` for deployments (prefect.yaml)."""
+    if name == "predict_folder":
+        return predict_folder_flow()
+    raise AttributeError(name)

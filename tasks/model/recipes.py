@@ -1,0 +1,32 @@
+"""Training recipes by name. `reference` is the classroom notebook's (Adam at a constant rate,
+flips and a colour jitter); `modern` is the one bench/quality.py chose on real faces (see the
+README's table): AdamW with weight decay, warm-up then cosine decay, label smoothing, stronger
+augmentation on tensors and an exponential moving average of the weights, flips averaged at test
+time. The learning rate, epochs and batch size stay settings of their own."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    optimizer: str  # "adam" or "adamw"
+    weight_decay: float
+    warmup: float  # share of the steps with a linearly rising rate
+    schedule: str  # "constant" or "cosine" (to zero at the last step)
+    label_smoothing: float
+    augment: str  # "reference": flip + jitter; "strong": also scale/translate, random erasing
+    mixup: float  # Beta(alpha, alpha) of mixup; 0: none
+    ema: float  # horizon of the weights' moving average, as a share of the training steps; 0: none
+    tta: bool  # average the predictions of the image and its mirror image
+
+    def describe(self) -> dict:
+        return asdict(self)
+
+
+RECIPES = {
+    "reference": Recipe("reference", "adam", 0.0, 0.0, "constant", 0.0, "reference", 0.0, 0.0, False),
+    "modern": Recipe("modern", "adamw", 0.05, 0.05, "cosine", 0.1, "strong", 0.0, 0.1, True),
+}
