@@ -19,12 +19,14 @@ from tasks.core.errors import ConfigError
 REPO = Path(__file__).resolve().parents[1]
 PREFECT_YAML = REPO / "prefect.yaml"
 PIPELINE_ENTRYPOINT = "flows/age_pipeline.py:age_pipeline"
+WATCH_ENTRYPOINT = "flows/watch.py:watch_data"
 PIPELINE_FLOW = "age-pipeline"
 
 
 def specs(settings: RunSettings | None, name: str | None, spec_path: Path = PREFECT_YAML) -> list[dict]:
-    """prefect.yaml's deployments, renamed to `name` and given `settings` (None keeps the
-    file's own), with the watcher pointed at its pipeline and the trigger at the watcher."""
+    """prefect.yaml's deployments (the pipeline, its watcher, batch prediction), renamed to `name`
+    and given `settings` (None keeps the file's own), with the watcher pointed at its pipeline
+    and the trigger at the watcher."""
     entries = copy.deepcopy(yaml.safe_load(spec_path.read_text())["deployments"])
     pipeline_name = name or next(e["name"] for e in entries if e["entrypoint"] == PIPELINE_ENTRYPOINT)
     for entry in entries:
@@ -34,7 +36,7 @@ def specs(settings: RunSettings | None, name: str | None, spec_path: Path = PREF
         if entry["entrypoint"] == PIPELINE_ENTRYPOINT:
             for trigger in entry.get("triggers", []):
                 trigger["match"]["agelens.pipeline"] = f"{PIPELINE_FLOW}/{pipeline_name}"
-        else:
+        elif entry["entrypoint"] == WATCH_ENTRYPOINT:
             entry["parameters"]["pipeline"] = f"{PIPELINE_FLOW}/{pipeline_name}"
     return entries
 

@@ -179,39 +179,6 @@ def write(rows: list[dict], target: Path) -> None:
         raise AgelensError(f"--out {target}: write .csv or .parquet")
 
 
-def predict_folder_flow():
-    """The Prefect flow (built on first use, so `agelens predict` itself needs no Prefect)."""
-    from prefect import flow, get_run_logger
-
-    from flows.models import config_id
-    from flows.settings import RunSettings
-    from tasks.reporting.artifacts import publish_run
-    from tasks.reporting.tables import Table
-
-    @flow(name="predict")
-    def predict_folder(folder: str, settings: RunSettings = RunSettings(), detect: bool = True) -> dict:
-        """Score every photo below `folder` with the champion of these settings' configuration; the
-        table goes to <out>/predictions/ and to a Prefect artifact."""
-        from datetime import datetime, timezone
-
-        from prefect.runtime import deployment
-
-        log = get_run_logger()
-        scorer = load_scorer(settings.out, config_id(settings), device=settings.device)
-        rows, skipped = score([folder], scorer, detect=detect, progress=False)
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-        target = Path(settings.out).expanduser().resolve() / "predictions" / f"{stamp}.parquet"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        write(rows, target)
-        publish_run([Table("predictions", rows[:500], f"{len(rows)} faces in {folder} scored by the {scorer.source}"),
-                     Table("predictions-skipped", skipped[:500], f"{len(skipped)} files without a face")], None,
-                    deployment.name)
-        log.info("%d faces scored, %d files skipped; table: %s", len(rows), len(skipped), target)
-        return {"faces": len(rows), "skipped": len(skipped), "table": str(target), "model": scorer.source}
-
-    return predict_folder
-
-
 def main_predict(args) -> int:
     """`agelens predict PATH...`"""
     scorer = load_scorer(args.models, args.config, args.run, args.device)
@@ -232,10 +199,3 @@ def main_predict(args) -> int:
     print(f"{len(rows)} faces scored by the {scorer.source}; {len(skipped)} files skipped"
           + (f"; table: {args.out}" if args.out else ""))
     return 0
-
-
-def __getattr__(name: str):
-    """`flows/predict.py:predict_folder` for deployments (prefect.yaml)."""
-    if name == "predict_folder":
-        return predict_folder_flow()
-    raise AttributeError(name)

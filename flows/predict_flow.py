@@ -1,0 +1,38 @@
+"""The `predict` flow: batch scoring of a folder with the champion of a configuration, as a Prefect
+run whose results table is an artifact (`agelens predict` does the same from the command line
+without Prefect; flows/predict.py)."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+
+from flows.models import config_id
+from flows.predict import load_scorer, score, write
+from flows.settings import RunSettings
+from tasks.reporting.artifacts import publish_run
+from tasks.reporting.tables import Table
+
+
+@flow(name="predict")
+def predict_folder(folder: str, settings: RunSettings = RunSettings(), detect: bool = True) -> dict:
+    """Score every photo below `folder` with the champion of these settings' configuration; the
+    table goes to <out>/predictions/<time>.parquet and to the artifacts `agelens-predictions` and
+    `agelens-predictions-skipped`."""
+    from prefect.runtime import deployment
+
+    log = get_run_logger()
+    scorer = load_scorer(settings.out, config_id(settings), device=settings.device)
+    rows, skipped = score([folder], scorer, detect=detect, progress=False)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    target = Path(settings.out).expanduser().resolve() / "predictions" / f"{stamp}.parquet"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    write(rows, target)
+    publish_run([Table("predictions", rows[:1000], f"{len(rows)} faces in {folder} scored by the {scorer.source}"
+                                                   + (" (the first 1,000 shown)" if len(rows) > 1000 else "")),
+                 Table("predictions-skipped", skipped[:1000], f"{len(skipped)} files without a face")], None,
+                deployment.name)
+    log.info("%d faces scored, %d files skipped; table: %s", len(rows), len(skipped), target)
+    return {"faces": len(rows), "skipped": len(skipped), "table": str(target), "model": scorer.source}
