@@ -39,6 +39,8 @@ from tasks.data.decoding import decode_into  # noqa: E402
 from tasks.data.demo import DemoSpec, write_demo  # noqa: E402
 from tasks.model.inference import IMAGENET_MEAN, IMAGENET_STD, Runtime, prepare  # noqa: E402
 from tasks.model.backbones import build_model  # noqa: E402
+from tasks.model.heads import Head  # noqa: E402
+from tasks.model.recipes import RECIPES  # noqa: E402
 from tasks.model.training import epoch_plan, train_one_epoch  # noqa: E402
 
 
@@ -112,18 +114,23 @@ def decoded_array(files: list[Path], size: int, folder: Path) -> np.memmap:
 
 
 def agelens_loop(array: np.ndarray, labels: np.ndarray, backbone, batch_size, steps, runtime) -> tuple[int, float]:
-    """(images processed in the timed steps, seconds): the training stage's loop."""
+    """(images processed in the timed steps, seconds): the training stage's loop, with the
+    reference recipe (the same work per image as the notebook's loop)."""
     torch.manual_seed(0)
     model = prepare(build_model(backbone, 6), runtime)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     generator = torch.Generator().manual_seed(0)
     rows = np.arange(len(labels))
-    train_one_epoch(model, array, labels, epoch_plan(rows[:batch_size], batch_size, 1, generator), optimizer, runtime,
-                    generator)  # warm-up
+    head, recipe = Head("classes", tuple(f"{d}0s" for d in range(1, 7))), RECIPES["reference"]
+
+    def epoch(plan):
+        return train_one_epoch(model, array, labels, labels, plan, optimizer, runtime, generator, head, recipe)
+
+    epoch(epoch_plan(rows[:batch_size], batch_size, 1, generator))  # warm-up
     plan = epoch_plan(rows[batch_size:], batch_size, steps, generator)
     _sync(runtime.device)
     began = time.perf_counter()
-    seen = train_one_epoch(model, array, labels, plan, optimizer, runtime, generator)["images"]
+    seen = epoch(plan)["images"]
     _sync(runtime.device)
     return seen, time.perf_counter() - began
 

@@ -358,8 +358,9 @@ def deploy_command(args) -> int:
     from flows.deployments import deploy
 
     names = deploy(settings, args.name, args.pool)
-    print("deployed " + " and ".join(names) + f" to work pool {args.pool} on {url}; start a worker with:\n"
-          f"  prefect worker start --pool {args.pool}")
+    print("deployed " + ", ".join(names) + f" to work pool {args.pool} on {url}; start a worker with:\n"
+          f"  prefect worker start --pool {args.pool}\nand score a folder of photos with the champion model with:\n"
+          f"  prefect deployment run predict/{args.name} --param folder=/path/to/photos")
     return 0
 
 

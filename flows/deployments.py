@@ -38,6 +38,10 @@ def specs(settings: RunSettings | None, name: str | None, spec_path: Path = PREF
                 trigger["match"]["agelens.pipeline"] = f"{PIPELINE_FLOW}/{pipeline_name}"
         elif entry["entrypoint"] == WATCH_ENTRYPOINT:
             entry["parameters"]["pipeline"] = f"{PIPELINE_FLOW}/{pipeline_name}"
+        elif settings is not None:
+            # The demo's folder of drawn faces means nothing on other data: the photos to score are
+            # named when the run is asked for (--param folder=...), and found by detection.
+            entry["parameters"] = {"settings": entry["parameters"]["settings"]}
     return entries
 
 
@@ -103,7 +107,7 @@ def ensure_pool(name: str) -> bool:
 
 
 def deploy(settings: RunSettings, name: str, pool: str) -> list[str]:
-    """Create or update both deployments under `name` with the same settings; their names."""
+    """Create or update the three deployments under `name` with the same settings; their names."""
     from prefect.deployments.runner import RunnerDeployment
     from prefect.runner.storage import LocalStorage
 

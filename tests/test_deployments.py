@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from flows.settings import RunSettings
 from tests.harness import REPO
 
 TINY = ["--until", "train", "--backbone", "convnext_narrow", "--image-size", "32", "--epochs", "2", "--weights", "none"]
@@ -213,8 +214,8 @@ def test_serve_beside_deployed_deployments(server, dataset, tmp_path_factory):
                               "--out", str(out), *TINY], cwd=REPO, env=server.env, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
     try:
-        wait_for(lambda: sum(d["name"] == "served" for d in server.api("POST", "/deployments/filter", json={})) >= 2,
-                 what="both served deployments")
+        wait_for(lambda: sum(d["name"] == "served" for d in server.api("POST", "/deployments/filter", json={})) >= 3,
+                 what="the three served deployments")
         served = watch(server, "watch-data/served")
         assert served["parameters"]["pipeline"] == "age-pipeline/served"
         assert triggered(server, "age-pipeline/served", 1)[0]["state_type"] == "COMPLETED"
@@ -229,15 +230,19 @@ def test_serve_beside_deployed_deployments(server, dataset, tmp_path_factory):
 def test_prefect_yaml_deploys_the_demo_pair():
     from flows.deployments import served_deployments, specs
 
-    pipeline, watcher = specs(None, None)
+    pipeline, watcher, predict = specs(None, None)
     assert (pipeline["name"], watcher["name"]) == ("demo", "demo")
     assert pipeline["parameters"]["settings"] == watcher["parameters"]["settings"] == {"preset": "demo"}
     assert watcher["parameters"]["pipeline"] == "age-pipeline/demo"
     assert pipeline["triggers"][0]["match"]["agelens.pipeline"] == "age-pipeline/demo"
     assert pipeline["triggers"][0]["parameters"] == {"settings": "{{ event.payload.settings }}"}
     raw = yaml.safe_load((REPO / "prefect.yaml").read_text())
-    assert [d["entrypoint"] for d in raw["deployments"]] == ["flows/age_pipeline.py:age_pipeline", "flows/watch.py:watch_data"]
+    assert [d["entrypoint"] for d in raw["deployments"]] == [
+        "flows/age_pipeline.py:age_pipeline", "flows/watch.py:watch_data", "flows/predict_flow.py:predict_folder"]
+    assert predict["parameters"] == {"settings": {"preset": "demo"}, "folder": "data/demo/CACD2000", "detect": False}
+    # On a user's data the folder to score is named per run, not the demo's.
+    assert specs(RunSettings(data="/d"), "mine")[2]["parameters"] == {"settings": RunSettings(data="/d").dump()}
     served = served_deployments()
-    assert [d.name for d in served] == ["served", "served"]
+    assert [d.name for d in served] == ["served", "served", "served"]
     assert served[0].schedules[0].schedule.cron == "0 3 * * *"
     assert served[1].schedules[0].schedule.interval.total_seconds() == 600

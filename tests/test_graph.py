@@ -27,15 +27,16 @@ def test_every_setting_a_stage_reads_is_a_run_setting():
 
 def test_upstream_content_counts_not_its_key_timings_or_location():
     evaluate = next(s for s in STAGES if s.name == "evaluate")
-    base = key_of(components(evaluate, RunSettings(), {"decode": UPSTREAM, "train": UPSTREAM}, {}))
+    same = {name: UPSTREAM for name in evaluate.needs}
+    base = key_of(components(evaluate, RunSettings(), same, {}))
     elsewhere = {**UPSTREAM, "key": "k2", "summary": {"seconds": 99.0},
                  "outputs": {**UPSTREAM["outputs"], "timings": {"file": "other.csv"}}}
-    assert key_of(components(evaluate, RunSettings(), {"decode": UPSTREAM, "train": elsewhere}, {})) == base
+    assert key_of(components(evaluate, RunSettings(), {**same, "train": elsewhere}, {})) == base
     retrained = {**UPSTREAM, "outputs": {**UPSTREAM["outputs"], "model": {"file": "model.pt", "sha256": "m2"}}}
-    assert key_of(components(evaluate, RunSettings(), {"decode": UPSTREAM, "train": retrained}, {})) != base
+    assert key_of(components(evaluate, RunSettings(), {**same, "train": retrained}, {})) != base
     # Settings the stage does not read, or that do not change results, are not in its key.
     for change in ({"epochs": 9}, {"eval_batch_size": 7}, {"device": "cpu"}, {"out": "/elsewhere"}):
-        assert key_of(components(evaluate, RunSettings(**change), {"decode": UPSTREAM, "train": UPSTREAM}, {})) == base
+        assert key_of(components(evaluate, RunSettings(**change), same, {})) == base
     assert content_digest(UPSTREAM) == content_digest({**UPSTREAM, "summary": {}})
 
 
@@ -57,11 +58,15 @@ def _copy_package(tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize("module, helper, dependents", [
     ("data/picking", "def first_per_class", {"embed", "featuremaps", "attention", "explain"}),
-    ("model/inference", "def normalise", {"train", "evaluate", "embed", "featuremaps", "attention", "explain"}),
+    ("model/inference", "def normalise",
+     {"train", "calibrate", "evaluate", "compare", "embed", "featuremaps", "attention", "explain"}),
     ("reporting/markdown", "def escape", {"report"}),
     ("reporting/tables", "def class_report_rows", {"report"}),
     ("data/sources", "def list_images", {"extract"}),
-    ("data/labels", "def decade_values", {"extract", "evaluate"}),
+    # Labels reach every stage that holds a model, through the age head.
+    ("data/labels", "def decade_values",
+     {"extract", "train", "calibrate", "evaluate", "compare", "embed", "featuremaps", "attention", "explain"}),
+    ("model/calibration", "def fit_temperature", {"calibrate", "evaluate"}),
     # Publishing and the learning curve over runs belong to the flow: no stage reruns for them.
     ("reporting/artifacts", "def publish_run", set()),
     ("reporting/plots/runs", "def learning_curve", set()),

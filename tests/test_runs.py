@@ -15,7 +15,8 @@ def row(run_id, per_class, accuracy, train_images, fingerprint="f1", **settings)
     return {"run_id": run_id, "time": "2026-11-28T10:00:00+00:00", "fingerprint": fingerprint,
             "settings": RunSettings(per_class=per_class, **settings).dump(),
             "drawn": {"10s": per_class, "20s": per_class}, "train_images": train_images,
-            "val": {"accuracy": accuracy, "macro_f1": accuracy - 0.1, "mae_decades": 0.5}, "test": None,
+            "val": {"accuracy": accuracy + 0.1, "macro_f1": accuracy, "within_one": 0.9, "mae_years": None},
+            "test": {"accuracy": accuracy, "macro_f1": accuracy - 0.1, "within_one": 0.9, "mae_years": 6.5},
             "best_epoch": 3, "training_seconds": 12.0, "stages": {"train": run_id * 3}, "states": {"train": "Completed"}}
 
 
@@ -25,7 +26,9 @@ def test_since_the_last_run_names_changed_settings_counts_and_metric_deltas():
     assert lines[0].startswith("Compared with run aaaaaaaa")
     assert lines[1] == "- settings: per_class 20 → 40"
     assert lines[2] == "- images drawn per class: 10s 20 → 40; 20s 20 → 40 (the data changed)"
-    assert lines[3] == "- val: accuracy 0.620 (+0.120), macro_f1 0.520 (+0.120), mae_decades 0.500 (+0.000)"
+    assert lines[3] == "- val: accuracy 0.720 (+0.120), macro_f1 0.620 (+0.120), within_one 0.900 (+0.000)"
+    assert lines[4] == ("- test: accuracy 0.620 (+0.120), macro_f1 0.520 (+0.120), within_one 0.900 (+0.000), "
+                        "mae_years 6.500 (+0.000)")
     assert publish.since_last(None, now) == ["First recorded run in this output folder."]
 
 
@@ -33,7 +36,9 @@ def test_learning_curve_points_come_from_runs_with_otherwise_equal_settings():
     history = [row("a", 20, 0.5, 32), row("b", 40, 0.6, 64, fingerprint="f2"), row("c", 40, 0.6, 64, fingerprint="f2"),
                row("d", 40, 0.9, 64, epochs=50), row("e", 80, 0.7, 128, device="cpu", fingerprint="f3")]
     points = publish.learning_points(history[:-1], history[-1])
-    assert sorted((p["train_images"], p["val_accuracy"]) for p in points) == [(32, 0.5), (64, 0.6), (128, 0.7)]
+    # Points are test accuracies (the split that did not choose the epoch) where there is one.
+    assert sorted((p["train_images"], p["split"], p["accuracy"]) for p in points) == [
+        (32, "test", 0.5), (64, "test", 0.6), (128, "test", 0.7)]
 
 
 def test_runs_command_and_a_crash_cut_line(tmp_path, capsys):

@@ -11,6 +11,8 @@ from tasks.core.errors import DataError
 from tasks.model.metrics import classification_metrics
 from tasks.model.inference import Runtime
 from tasks.model.backbones import build_model, last_linear_name, minimum_image_size
+from tasks.model.heads import Head
+from tasks.model.recipes import RECIPES
 from tasks.model.training import augment, fit
 
 SETTINGS = {"epochs": 3, "batch_size": 16, "lr": 1e-3, "seed": 4, "max_steps": None, "eval_batch_size": 64}
@@ -108,7 +110,9 @@ def test_killed_training_resumes_to_the_same_weights(tmp_path, monkeypatch):
     def run(checkpoint):
         torch.manual_seed(SETTINGS["seed"])
         model = build_model("convnext_narrow", 3)
-        return model, fit(model, images, labels, rows, rows, SETTINGS, runtime, checkpoint)
+        # The modern recipe: the optimiser, the rate schedule and the weights' average all resume.
+        return model, fit(model, images, labels, labels, rows, rows, SETTINGS, runtime, checkpoint,
+                          Head("classes", ("a", "b", "c")), RECIPES["modern"])
 
     whole_model, whole = run(tmp_path / "whole.pt")
 
@@ -138,8 +142,9 @@ def test_kept_epoch_has_the_lowest_validation_loss_and_steps_are_capped(tmp_path
     images, labels = np.concatenate([train_images, val_images]), np.concatenate([train_labels, val_labels])
     settings = {**SETTINGS, "epochs": 4, "lr": 3e-3, "seed": 0, "max_steps": 2}
     torch.manual_seed(0)
-    result = fit(build_model("convnext_narrow", 3), images, labels, np.arange(96), np.arange(96, 192), settings,
-                 Runtime.resolve("cpu", "fp32", "off"), tmp_path / "c.pt")
+    result = fit(build_model("convnext_narrow", 3), images, labels, labels, np.arange(96), np.arange(96, 192),
+                 settings, Runtime.resolve("cpu", "fp32", "off"), tmp_path / "c.pt", Head("classes", ("a", "b", "c")),
+                 RECIPES["reference"])
     losses = [r["val_loss"] for r in result["history"]]
     assert result["best_epoch"] == int(np.argmin(losses)) + 1
     assert [r["kept"] for r in result["history"]] == [e == result["best_epoch"] for e in range(1, 5)]
