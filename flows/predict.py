@@ -11,6 +11,7 @@ be read or hold no face are listed with the reason, never a crash.
 from __future__ import annotations
 
 import json
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,15 +82,22 @@ def load_scorer(out: str | Path, config: str | None = None, run: str | None = No
 
 def _faces(path: Path, detector, size: int) -> tuple[list[tuple[np.ndarray, dict]], str | None]:
     """([(crop, where)], reason it has none)."""
-    from tasks.model.faces import crop, read_image, resize
+    from tasks.data.decoding import decode_one
+    from tasks.model.faces import crop, read_image
 
+    if detector is None:  # one face per file: decoded exactly as the decode stage decodes training images
+        if not path.is_file():
+            return [], "not a regular file"
+        if path.stat().st_size == 0:
+            return [], "an empty file (0 bytes)"
+        face = decode_one(path, size)
+        if face is None:
+            return [], "not a readable image"
+        return [(face, {"x": None, "y": None, "w": None, "h": None, "detection_score": None})], None
     try:
         rgb = read_image(path)
     except DataError as error:
         return [], str(error)
-    if detector is None:
-        height, width = rgb.shape[:2]
-        return [(resize(rgb, size), {"x": 0, "y": 0, "w": width, "h": height, "detection_score": None})], None
     faces = detector(rgb)
     if not faces:
         return [], "no face found"
@@ -107,7 +115,17 @@ def score(paths: list[str], scorer: Scorer, detect: bool = True, face_model: str
     from tasks.model.inference import predict
 
     files, skipped = find_images(paths)
-    detector = Detector(locate(face_model)) if detect and files else None
+    model_file = locate(face_model) if detect and files else None
+    if model_file is not None:
+        Detector(model_file)  # a model OpenCV cannot load is one error now, not one per file
+    local = threading.local()  # one detector per reading thread: an OpenCV net is not safe to share
+
+    def detector():
+        if model_file is None:
+            return None
+        if not hasattr(local, "detector"):
+            local.detector = Detector(model_file)
+        return local.detector
     size, rows, pending = scorer.facts["image_size"], [], []
 
     def flush() -> None:
@@ -127,7 +145,7 @@ def score(paths: list[str], scorer: Scorer, detect: bool = True, face_model: str
         pending.clear()
 
     with ThreadPoolExecutor(READERS) as pool, torch.no_grad():
-        found = pool.map(lambda p: _faces(p, detector, size), files)
+        found = pool.map(lambda p: _faces(p, detector(), size), files)
         for path, (faces, reason) in tqdm(zip(files, found), total=len(files), desc="predict", unit="img",
                                           disable=None if progress else True):
             if reason:

@@ -234,3 +234,57 @@ def test_independent_stages_run_on_a_dask_cluster(run, learnable_cacd):
     assert [states(result)[s] for s in ("embed", "featuremaps", "explain")] == ["Completed"] * 3
     assert states(result)["train"] == "Cached", states(result)
     assert ran == ["run_stage"], ran  # every stage's work went through the cluster's scheduler
+
+
+def test_a_worse_retraining_keeps_the_champion_and_predict_uses_it(run, learnable_cacd, capsys):
+    """Against the real server: the champion only improves. A deliberately worse retraining (one
+    batch) is rejected and named so; `agelens models` shows both; `predict` uses the champion;
+    `promote` overrides by hand; the better model then wins back on the same test images."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    from flows.cli import main
+
+    good = run(until="compare")
+    good_digest = good["stages"]["train"]["outputs"]["model"]["sha256"]
+    assert good["stages"]["compare"]["summary"]["decision"] in ("promote", "same")
+    worse = run(until="compare", epochs=1, max_steps=1)
+    compare = worse["stages"]["compare"]["summary"]
+    assert compare["decision"] == "keep", compare
+    assert compare["challenger"]["accuracy"] < compare["champion"]["accuracy"]
+    # The champion was scored again on exactly the images the challenger was scored on.
+    assert compare["images"] == worse["stages"]["evaluate"]["summary"]["test"]["images"]
+    assert compare["champion"]["accuracy"] == pytest.approx(good["stages"]["evaluate"]["summary"]["test"]["accuracy"])
+    assert worse["run"]["decision"]["decision"] == "keep"
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[worse["run"]["run_id"]])))
+    decision = next(a for a in found if a.key.endswith("model-decision"))
+    assert decision.data.startswith("# Kept the champion") and "the champion's" in decision.data
+
+    assert main(["models", "--out", str(run.out), "--json"]) == 0
+    [entry] = json.loads(capsys.readouterr().out)
+    assert entry["champion"]["model_digest"] == good_digest
+    rejected = [d for d in entry["decisions"] if d["decision"] == "keep"]
+    assert rejected[-1]["model_digest"] == worse["stages"]["train"]["outputs"]["model"]["sha256"]
+    assert main(["models", "--out", str(run.out)]) == 0
+    listing = capsys.readouterr().out
+    assert f"champion  run {good['run']['run_id'][:8]}" in listing and f"rejected  run {worse['run']['run_id'][:8]}" in listing
+
+    # predict: the champion's calibrated probabilities, equal to what evaluate wrote for the same images.
+    predictions = pd.read_parquet(good["stages"]["evaluate"]["outputs"]["predictions"]).head(5)
+    files = [str(learnable_cacd / "CACD2000" / p) for p in predictions["path"]]
+    assert main(["predict", *files, "--no-detect", "--models", str(run.out), "--json"]) == 0
+    scored = json.loads(capsys.readouterr().out)
+    assert scored["skipped"] == [] and [r["file"] for r in scored["faces"]] == files
+    assert {r["model"] for r in scored["faces"]} == {good_digest[:16]}
+    mine = np.array([[r[f"prob_{d}0s"] for d in range(1, 7)] for r in scored["faces"]])
+    np.testing.assert_allclose(mine, predictions.filter(like="prob_").to_numpy(), atol=2e-4)
+    assert [r["decade"] for r in scored["faces"]] == list(predictions["predicted"])
+
+    # By hand the worse model becomes champion; the good one, compared again, wins it back.
+    assert main(["promote", worse["run"]["run_id"][:8], "--out", str(run.out)]) == 0
+    assert "is now the champion" in capsys.readouterr().out
+    back = run(until="compare")
+    assert states(back)["train"] == "Cached" and back["stages"]["compare"]["summary"]["decision"] == "promote"
+    assert json.loads((run.out / "models" / entry["config"] / "champion.json").read_text())["model_digest"] == good_digest

@@ -1,0 +1,118 @@
+"""`agelens predict`: every file found is scored or named with its reason, never a crash; faces are
+found in photos by YuNet where its model file is present."""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from flows.predict import Scorer, score, write
+from tasks.core.errors import AgelensError, DataError
+from tasks.model.backbones import build_model
+from tasks.model.heads import Head
+from tasks.model.inference import Runtime, prepare
+
+CLASSES = tuple(f"{d}0s" for d in range(1, 7))
+FAIRFACE = Path(__file__).resolve().parents[2] / "shared" / "data" / "fairface"
+
+
+def scorer(head="classes", temperature=1.0) -> Scorer:
+    torch.manual_seed(0)
+    runtime = Runtime.resolve("cpu", "fp32", "off")
+    h = Head(head, CLASSES)
+    model = prepare(build_model("convnext_narrow", h.outputs), runtime).eval()
+    facts = {"classes": list(CLASSES), "image_size": 32, "temperature": temperature, "tta": True, "head": head}
+    return Scorer(model, runtime, h, facts, "a test model", "d" * 64)
+
+
+def face(path: Path, size=(60, 60), seed=0) -> Path:
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 255, (*size[::-1], 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def test_odd_files_are_named_with_their_reason_and_faces_scored(tmp_path):
+    folder = tmp_path / "photos"
+    (folder / "deeper").mkdir(parents=True)
+    good = [face(folder / "a.jpg"), face(folder / "deeper" / "b.png", (90, 40), 1)]  # a landscape one too
+    (folder / "notes.txt").write_text("not a photo")
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8 this is not a jpeg")
+    (folder / ".hidden.jpg").write_bytes(b"")  # hidden files are not looked at
+    rows, skipped = score([str(folder), str(tmp_path / "missing.jpg")], scorer(), detect=False, progress=False)
+    assert [r["file"] for r in rows] == [str(p) for p in good]
+    assert {Path(s["file"]).name: s["reason"] for s in skipped} == {
+        "notes.txt": "not an image file", "empty.jpg": "an empty file (0 bytes)", "broken.jpg": "not a readable image",
+        "missing.jpg": "no such file or folder"}
+    for row in rows:
+        probs = [row[f"prob_{c}"] for c in CLASSES]
+        assert sum(probs) == pytest.approx(1, abs=1e-3) and row["decade"] == CLASSES[int(np.argmax(probs))]
+        assert row["probability"] == max(probs) and 15 <= row["expected_age"] <= 65  # over decade midpoints
+        assert row["model"] == "d" * 16 and row["temperature"] == 1.0
+
+
+def test_temperature_and_the_ages_head_reach_every_output(tmp_path):
+    files = [str(face(tmp_path / f"{i}.png", seed=i)) for i in range(3)]
+    sharp, _ = score(files, scorer(temperature=1.0), detect=False, progress=False)
+    soft, _ = score(files, scorer(temperature=50.0), detect=False, progress=False)
+    for a, b in zip(sharp, soft):  # a high temperature flattens towards 1/6, never changes the ranking
+        assert b["probability"] <= a["probability"] and abs(b["probability"] - 1 / 6) < abs(a["probability"] - 1 / 6)
+        assert b["decade"] == a["decade"]
+    ages, _ = score(files, scorer("ages"), detect=False, progress=False)
+    assert all(0 <= r["expected_age"] <= 100 for r in ages)
+    assert all(sum(r[f"prob_{c}"] for c in CLASSES) == pytest.approx(1, abs=1e-3) for r in ages)
+
+
+def test_tables_are_written_as_asked_and_the_cli_says_what_is_missing(tmp_path, capsys):
+    from flows.cli import main
+
+    rows, _ = score([str(face(tmp_path / "a.png"))], scorer(), detect=False, progress=False)
+    write(rows, tmp_path / "t.csv")
+    write(rows, tmp_path / "t.parquet")
+    import pandas as pd
+
+    assert pd.read_csv(tmp_path / "t.csv")["decade"].tolist() == pd.read_parquet(tmp_path / "t.parquet")["decade"].tolist()
+    with pytest.raises(AgelensError, match="write .csv or .parquet"):
+        write(rows, tmp_path / "t.xlsx")
+    assert main(["predict", str(tmp_path), "--models", str(tmp_path / "nothing"), "--no-detect"]) == 1
+    assert "no champion model in" in capsys.readouterr().err
+
+
+def yunet() -> Path:
+    found = os.environ.get("AGELENS_FACE_MODEL")
+    if not found or not Path(found).is_file():
+        pytest.skip("YuNet's ONNX file is not present here ($AGELENS_FACE_MODEL); agelens does not download it")
+    if not (FAIRFACE / "labels.csv").is_file():
+        pytest.skip(f"no real faces at {FAIRFACE}")
+    return Path(found)
+
+
+def test_faces_are_found_in_photos_and_cropped_with_a_margin(tmp_path):
+    """A real face pasted into a wide photo is found where it was put; a blank photo has none."""
+    model = yunet()
+    real = np.asarray(Image.open(sorted((FAIRFACE / "images").glob("*.jpg"))[0] if (FAIRFACE / "images").is_dir()
+                                 else sorted(FAIRFACE.rglob("*.jpg"))[0]).convert("RGB"))
+    photo = np.full((400, 900, 3), 200, np.uint8)
+    photo[100:324, 500:724] = real
+    Image.fromarray(photo).save(tmp_path / "wide.jpg")
+    Image.fromarray(np.full((300, 300, 3), 128, np.uint8)).save(tmp_path / "blank.jpg")
+    rows, skipped = score([str(tmp_path)], scorer(), face_model=str(model), progress=False)
+    assert skipped == [{"file": str(tmp_path / "blank.jpg"), "reason": "no face found"}]
+    [row] = rows
+    # The face's centre lies in the pasted crop (a FairFace crop is the head with a margin, so the box
+    # is smaller than the crop, though YuNet's box may reach a little above a forehead at its edge).
+    assert 500 < row["x"] + row["w"] / 2 < 724 and 100 < row["y"] + row["h"] / 2 < 324
+    assert 40 <= row["w"] <= 224 and 40 <= row["h"] <= 260
+    assert row["detection_score"] >= 0.6
+
+
+def test_a_file_that_is_not_a_detector_is_one_clear_error(tmp_path):
+    bogus = tmp_path / "yunet.onnx"
+    bogus.write_bytes(b"not an onnx model")
+    face(tmp_path / "a.png")
+    with pytest.raises(DataError, match="OpenCV cannot load the face detector"):
+        score([str(tmp_path / "a.png")], scorer(), face_model=str(bogus), progress=False)
