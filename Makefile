@@ -35,6 +35,8 @@ bench: $(BIN)/agelens
 	$(BIN)/python bench/cached_rerun.py --quick
 	$(BIN)/python bench/train_throughput.py --quick
 	$(BIN)/python bench/explain_cost.py --quick
+	$(BIN)/python bench/predict_speed.py --quick
+	$(BIN)/python bench/quality.py --quick
 	$(BIN)/python bench/scale.py --images 2000 --image-size 64
 
 clean-artifacts:

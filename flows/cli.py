@@ -34,12 +34,15 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"agelens: error: {message} (see agelens {self.prog.split()[-1]} --help)\n")
 
 
-def _add_settings(parser: argparse.ArgumentParser) -> None:
-    """One option per RunSettings field; unset options are left to the preset and defaults."""
+def _add_settings(parser: argparse.ArgumentParser, sweep: bool = False) -> None:
+    """One option per RunSettings field; unset options are left to the preset and defaults. For a
+    sweep, a value may be a comma-separated list (checked per setting)."""
     for name, field in RunSettings.model_fields.items():
         kwargs: dict = {"dest": name, "default": None}
         args = [a for a in typing.get_args(field.annotation) if a is not type(None)]
-        if field.annotation is bool:
+        if sweep and field.annotation is not bool:
+            kwargs["metavar"] = "PATH" if name in ("data", "images", "out") else f"{name.upper()}[,...]"
+        elif field.annotation is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(field.annotation) is typing.Literal:
             kwargs["choices"] = list(typing.get_args(field.annotation))
@@ -64,6 +67,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--task-runner", choices=["thread", "dask"], default="thread",
                      help="run independent stages on threads (default) or on a Dask cluster")
     run.add_argument("--dask-address", metavar="ADDRESS", help="an existing Dask scheduler (default: a LocalCluster)")
+    sweep = commands.add_parser("sweep", help="run several settings (a grid: options with commas, or a file) and "
+                                              "compare them; shared stages are computed once")
+    _add_settings(sweep, sweep=True)
+    sweep.add_argument("--settings-file", metavar="FILE", help="JSON or YAML list of option mappings, each over the "
+                                                               "options given here")
+    sweep.add_argument("--json", action="store_true", help="print the comparison as JSON last on stdout")
+    sweep.add_argument("--task-runner", choices=["thread", "dask"], default="thread",
+                       help="run the trainings concurrently on threads (default) or on a Dask cluster")
+    sweep.add_argument("--dask-address", metavar="ADDRESS", help="an existing Dask scheduler (default: a LocalCluster)")
     status = commands.add_parser("status", help="say, per stage, whether a run with these options would be cached "
                                                 "and why not (runs nothing)")
     _add_settings(status)
@@ -247,6 +259,47 @@ def run_command(args) -> int:
     return 0
 
 
+def sweep_command(args) -> int:
+    from flows.sweep import expand, read_settings_file
+
+    given = {name: getattr(args, name) for name in RunSettings.model_fields if getattr(args, name, None) is not None}
+    settings = expand(given, read_settings_file(args.settings_file) if args.settings_file else None)
+    if args.dask_address and args.task_runner != "dask":
+        raise ConfigError("--dask-address needs --task-runner dask")
+    began = time.time()
+    for each in settings:
+        precheck(each)
+    from prefect.logging.configuration import setup_logging
+
+    from flows.interrupt import cancel_flow_run, resume_hint, run_interruptibly, stop_children
+    from flows.sweep import describe as describe_sweep
+    from flows.sweep_flow import with_task_runner
+
+    setup_logging()
+    if not args.debug:
+        from flows.logs import quiet_expected_errors
+
+        quiet_expected_errors(cli=True)
+    started: dict = {}
+
+    def remember_the_run(flow, run, state) -> None:
+        started["id"] = run.id
+
+    flow = with_task_runner(args.task_runner, args.dask_address).with_options(on_running=[remember_the_run])
+
+    def on_interrupt(signum: int) -> None:
+        hint = resume_hint(settings[0].out, began)
+        print(f"\nagelens: interrupted; {hint}", file=sys.stderr, flush=True)
+        if "id" in started:
+            cancel_flow_run(started["id"], f"interrupted by the user; {hint}")
+        stop_children()
+
+    with prefect_api():
+        result = run_interruptibly(lambda: flow(settings=settings), on_interrupt)
+    print(json.dumps(result, default=str) if args.json else describe_sweep(result))
+    return 1 if any(r.get("error") for r in result["rows"]) else 0
+
+
 def status_command(args) -> int:
     from pathlib import Path
 
@@ -374,7 +427,7 @@ def serve_command(args) -> int:
     return 0
 
 
-COMMANDS = {"run": run_command, "status": status_command, "gc": gc_command, "runs": runs_command,
+COMMANDS = {"run": run_command, "sweep": sweep_command, "status": status_command, "gc": gc_command, "runs": runs_command,
             "models": models_command, "promote": promote_command, "predict": predict_command, "deploy": deploy_command, "serve": serve_command}
 
 

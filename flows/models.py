@@ -138,6 +138,20 @@ def settle(out: Path, settings, run_id: str, results: dict, context: dict) -> di
                     "model_digest": digest, "decision": summary["decision"], "why": summary["why"],
                     "challenger": summary["challenger"], "champion": summary.get("champion"),
                     "champion_run": summary.get("champion_run")}
+        judged = summary.get("champion_run")
+        if summary["decision"] == "promote" and current is not None and current["run_id"] != judged:
+            # Another model became champion after this one was compared (a sweep's runs settle one
+            # by one): it is replaced only by a model at least as accurate on the same split.
+            theirs, ours = (current.get("metrics") or {}).get("accuracy"), summary["challenger"]["accuracy"]
+            if theirs is not None and ours < theirs:
+                decision.update(decision="keep", champion={"accuracy": theirs}, champion_run=current["run_id"],
+                                why=f"{summary['split']} accuracy {ours:.3f} < {theirs:.3f} of run "
+                                    f"{current['run_id'][:8]}, which became the champion while this run compared")
+                summary = {**summary, "decision": "keep", "why": decision["why"]}
+            elif theirs is not None:
+                decision["why"] = (f"{summary['split']} accuracy {ours:.3f} ≥ {theirs:.3f} of run {current['run_id'][:8]}, "
+                                   "which became the champion while this run compared")
+                summary = {**summary, "why": decision["why"]}
         if summary["decision"] == "promote":
             install(out, config, run_id, results, context, summary["challenger"], summary["why"], settings.dump())
         _record(out, config, decision)

@@ -110,9 +110,10 @@ def run_report(out: Path, results: dict[str, dict], previous: list[dict], row: d
 
 
 def finish(settings, out: Path, inputs, results: dict[str, dict], states: dict[str, str], run_id: str,
-           scope: str | None = None) -> dict:
-    """Append this run to the run table, write and publish its report and tables, record the
-    data fingerprint it trained on. Returns the run's row (with the report's path)."""
+           scope: str | None = None, publish: bool = True) -> dict:
+    """Append this run to the run table, apply its champion decision, write and publish its report
+    and tables, record the data fingerprint it trained on. Returns the run's row (with the report's
+    path). A sweep's runs (`publish=False`) are recorded and judged, and publish one comparison."""
     from flows import models
     from tasks.reporting.artifacts import DECISION, publish_markdown, publish_run
 
@@ -122,6 +123,8 @@ def finish(settings, out: Path, inputs, results: dict[str, dict], states: dict[s
     runs.append_run(out, row)
     facts = {k: v for result in results.values() for k, v in result.get("meta", {}).items()}
     decision = models.settle(out, settings, run_id, results, facts) if "compare" in results else None
+    if not publish:
+        return {**row, "report": None, "decision": decision}
     report = run_report(out, results, previous, row)
     atomic_write_bytes(out / REPORT_FILE, report.encode())
     publish_run(run_tables(out, results, [*previous, row]), report, scope)

@@ -52,6 +52,7 @@ class Runner:
         self.settings, self.out, self.inputs, self.log = settings, out, inputs, log
         self.results: dict[str, dict] = {}
         self.states: dict[str, str] = {}
+        self.error: str | None = None  # why this run stopped, in a sweep that keeps going
 
     def job(self, stage) -> Job:
         handles = {name: self.inputs.get(name, self.results, str(self.out)) for name in stage.inputs}
@@ -74,19 +75,45 @@ class Runner:
             shutil.rmtree(doomed, ignore_errors=True)
 
     def run(self, stages, after_level=None) -> None:
-        for level in levels(stages):
-            with ExitStack() as held:
-                started = []
-                for stage in sorted(level, key=lambda s: s.name):  # one lock order for every run
-                    job = self.job(stage)
-                    held.enter_context(locked(stage_lock(self.out, stage.name, job.key)))
-                    for leftover in (self.out / stage.name).glob(f"{job.key}.tmp-*"):  # a killed run's
-                        shutil.rmtree(leftover, ignore_errors=True)
-                    self.discard_if_damaged(job)
-                    started.append((stage.name, stage_task(stage.name, self.out).submit(job=asdict(job))))
-                for name, future in started:
-                    future.wait()
-                    self.results[name] = future.result()  # re-raises the stage's own error
-                    self.states[name] = future.state.name
-            if after_level:
-                after_level(self.results)
+        run_many([self], stages, after_level and (lambda runner: after_level(runner.results)))
+
+
+def run_many(runners: list[Runner], stages, after_level=None, keep_going: bool = False) -> None:
+    """Walk the graph for several runs at once (a sweep): level by level, every distinct stage
+    key submitted once, so what the runs share (extract, split, decode) is computed once and
+    their trainings run concurrently on the task runner. With `keep_going`, a run whose stage
+    fails stops there (its `error` says why) and the others go on; otherwise the error is raised."""
+    for level in levels(stages):
+        with ExitStack() as held:
+            jobs = {}  # (stage, key) -> job, submitted once
+            wanted = []  # (runner, stage name, (stage, key))
+            for runner in runners:
+                if runner.error is not None:
+                    continue
+                for stage in level:
+                    job = runner.job(stage)
+                    jobs.setdefault((stage.name, job.key), (runner, job))
+                    wanted.append((runner, stage.name, (stage.name, job.key)))
+            futures = {}
+            for name_key in sorted(jobs):  # one lock order for every run
+                runner, job = jobs[name_key]
+                held.enter_context(locked(stage_lock(runner.out, job.stage, job.key)))
+                for leftover in (runner.out / job.stage).glob(f"{job.key}.tmp-*"):  # a killed run's
+                    shutil.rmtree(leftover, ignore_errors=True)
+                runner.discard_if_damaged(job)
+                futures[name_key] = stage_task(job.stage, runner.out).submit(job=asdict(job))
+            for runner, name, name_key in wanted:
+                future = futures[name_key]
+                future.wait()
+                try:
+                    runner.results[name] = future.result()  # re-raises the stage's own error
+                except Exception as error:
+                    if not keep_going:
+                        raise
+                    runner.error = runner.error or f"{name}: {error}"
+                    continue
+                runner.states[name] = future.state.name
+        if after_level:
+            for runner in runners:
+                if runner.error is None:
+                    after_level(runner)

@@ -19,3 +19,20 @@ def learning_curve(points: list[dict]) -> Figure:
     fig.tight_layout()
     return fig
 
+
+
+def sweep_comparison(labels: list[str], values: list[float], bounds: list[list[float]], metric: str,
+                     best: int | None) -> Figure:
+    """One bar per setting of a sweep: the metric with its 95% interval, the best setting marked."""
+    fig = Figure(figsize=(7, 0.45 * len(labels) + 1.4))
+    ax = fig.subplots()
+    rows = list(range(len(labels)))[::-1]
+    errors = [[v - b[0] for v, b in zip(values, bounds)], [b[1] - v for v, b in zip(values, bounds)]]
+    colours = ["tab:orange" if i == best else "tab:blue" for i in range(len(labels))]
+    ax.barh(rows, values, xerr=errors, color=colours, capsize=3)
+    ax.set_yticks(rows, labels, fontsize=8)
+    ax.set_xlabel(f"{metric} (95% interval)")
+    ax.set_title("Sweep: each setting" + (" (best in orange)" if best is not None else ""))
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    return fig
