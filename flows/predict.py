@@ -10,6 +10,7 @@ be read or hold no face are listed with the reason, never a crash.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -135,13 +136,13 @@ def score(paths: list[str], scorer: Scorer, detect: bool = True, face_model: str
         probs = predict(scorer.model, crops, np.arange(len(crops)), scorer.runtime, batch_size,
                         scorer.facts["temperature"], scorer.facts["tta"])
         classes, ages = scorer.head.class_probs(probs), scorer.head.expected_age(probs)
+        if explain is not None:
+            _explain(scorer, crops, [w for _, w in pending], explain)
         for i, (_, where) in enumerate(pending):
             best = int(classes[i].argmax())
             rows.append({**where, "decade": scorer.classes[best], "probability": round(float(classes[i, best]), 4),
                          **{f"prob_{c}": round(float(p), 4) for c, p in zip(scorer.classes, classes[i])},
                          "expected_age": None if ages is None else round(float(ages[i]), 1)})
-        if explain is not None:
-            _explain(scorer, crops, [w for _, w in pending], explain)
         pending.clear()
 
     with ThreadPoolExecutor(READERS) as pool, torch.no_grad():
@@ -174,7 +175,8 @@ def _explain(scorer: Scorer, crops: np.ndarray, where: list[dict], folder: Path)
     layer = cam_layer_of(scorer.model, "auto", scorer.facts["image_size"])
     maps, _, _ = cam_maps(scorer.model, model_input(torch.from_numpy(crops), scorer.runtime), layer, ["grad_cam"])
     for crop, heat, w in zip(crops, maps["grad_cam"].cpu().numpy(), where):
-        name = f"{Path(w['file']).stem}_face{w['face']}.png"
+        # The path's digest keeps photos of one name in different folders apart.
+        name = f"{Path(w['file']).stem[:60]}-{hashlib.sha256(w['file'].encode()).hexdigest()[:8]}_face{w['face']}.png"
         grids.save(grids.picture_table([[(crop, "face"), (overlay(crop, heat), f"Grad-CAM on {layer}")]],
                                        f"{w['file']} (face {w['face']})"), folder / name)
         w["explanation"] = str(folder / name)

@@ -236,17 +236,21 @@ def test_independent_stages_run_on_a_dask_cluster(run, learnable_cacd):
     assert ran == ["run_stage"], ran  # every stage's work went through the cluster's scheduler
 
 
-def test_a_worse_retraining_keeps_the_champion_and_predict_uses_it(run, learnable_cacd, capsys):
+def _model_digest(out: Path, result: dict) -> str:
+    return _outputs(out, "train", result["stages"]["train"]["key"])["model"]["sha256"]
+
+
+def test_a_worse_retraining_keeps_the_champion_and_predict_uses_it(run, learnable_cacd, capsys, tmp_path):
     """Against the real server: the champion only improves. A deliberately worse retraining (one
     batch) is rejected and named so; `agelens models` shows both; `predict` uses the champion;
     `promote` overrides by hand; the better model then wins back on the same test images."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 
     from flows.cli import main
 
     good = run(until="compare")
-    good_digest = good["stages"]["train"]["outputs"]["model"]["sha256"]
+    good_digest = _model_digest(run.out, good)
     assert good["stages"]["compare"]["summary"]["decision"] in ("promote", "same")
     worse = run(until="compare", epochs=1, max_steps=1)
     compare = worse["stages"]["compare"]["summary"]
@@ -260,13 +264,13 @@ def test_a_worse_retraining_keeps_the_champion_and_predict_uses_it(run, learnabl
         found = client.read_artifacts(artifact_filter=ArtifactFilter(
             flow_run_id=ArtifactFilterFlowRunId(any_=[worse["run"]["run_id"]])))
     decision = next(a for a in found if a.key.endswith("model-decision"))
-    assert decision.data.startswith("# Kept the champion") and "the champion's" in decision.data
+    assert decision.data.startswith("# Kept the champion") and "both now on the same" in decision.data
 
     assert main(["models", "--out", str(run.out), "--json"]) == 0
     [entry] = json.loads(capsys.readouterr().out)
     assert entry["champion"]["model_digest"] == good_digest
     rejected = [d for d in entry["decisions"] if d["decision"] == "keep"]
-    assert rejected[-1]["model_digest"] == worse["stages"]["train"]["outputs"]["model"]["sha256"]
+    assert rejected[-1]["model_digest"] == _model_digest(run.out, worse)
     assert main(["models", "--out", str(run.out)]) == 0
     listing = capsys.readouterr().out
     assert f"champion  run {good['run']['run_id'][:8]}" in listing and f"rejected  run {worse['run']['run_id'][:8]}" in listing
@@ -281,6 +285,22 @@ def test_a_worse_retraining_keeps_the_champion_and_predict_uses_it(run, learnabl
     mine = np.array([[r[f"prob_{d}0s"] for d in range(1, 7)] for r in scored["faces"]])
     np.testing.assert_allclose(mine, predictions.filter(like="prob_").to_numpy(), atol=2e-4)
     assert [r["decade"] for r in scored["faces"]] == list(predictions["predicted"])
+    # The `predict` flow (the deployment's): the same rows, a table file and an artifact.
+    from flows.predict_flow import predict_folder
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for f in files:
+        shutil.copy(f, folder)
+    (folder / "notes.txt").write_text("not a photo")
+    batch = predict_folder(folder=str(folder), settings=good["settings_object"], detect=False)
+    assert (batch["faces"], batch["skipped"]) == (5, 1)
+    table = pd.read_parquet(batch["table"]).sort_values("file")
+    np.testing.assert_allclose(table.filter(like="prob_").to_numpy(), mine[np.argsort([Path(f).name for f in files])],
+                               atol=1e-6)
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["agelens-predictions"])))
+    assert len(json.loads(found[0].data)) == 5
 
     # By hand the worse model becomes champion; the good one, compared again, wins it back.
     assert main(["promote", worse["run"]["run_id"][:8], "--out", str(run.out)]) == 0

@@ -116,3 +116,15 @@ def test_a_file_that_is_not_a_detector_is_one_clear_error(tmp_path):
     face(tmp_path / "a.png")
     with pytest.raises(DataError, match="OpenCV cannot load the face detector"):
         score([str(tmp_path / "a.png")], scorer(), face_model=str(bogus), progress=False)
+
+
+def test_explain_writes_one_grad_cam_overlay_per_face(tmp_path):
+    for folder in ("a", "b"):  # the same file name in two folders: two overlays
+        (tmp_path / folder).mkdir()
+        face(tmp_path / folder / "same.png", seed=len(folder))
+    rows, _ = score([str(tmp_path / "a"), str(tmp_path / "b")], scorer(), detect=False, progress=False,
+                    explain=tmp_path / "why")
+    overlays = [Path(r["explanation"]) for r in rows]
+    assert len(set(overlays)) == 2 and all(p.parent == tmp_path / "why" and p.stat().st_size > 1000 for p in overlays)
+    picture = np.asarray(Image.open(overlays[0]))
+    assert picture.shape[1] > picture.shape[0]  # face | overlay, side by side
