@@ -90,6 +90,10 @@ def headline(row: dict) -> tuple[str, dict]:
     return ("test", row["test"]) if row.get("test") else ("val", row.get("val") or {})
 
 
+def _interval(bounds) -> str | None:
+    return f"{bounds[0]:.3f}-{bounds[1]:.3f}" if bounds else None
+
+
 def table_rows(rows: list[dict], limit: int = 30) -> list[dict]:
     """The run table for people, newest first."""
     out = []
@@ -98,6 +102,7 @@ def table_rows(rows: list[dict], limit: int = 30) -> list[dict]:
         out.append({"run": r["run_id"][:8], "time": r["time"], "data": (r.get("fingerprint") or "")[:8],
                     "per class": ", ".join(f"{c} {n}" for c, n in (r.get("drawn") or {}).items()),
                     "train images": r.get("train_images"), "on": split, "accuracy": m.get("accuracy"),
+                    "95% interval": _interval(m.get("accuracy_ci")),
                     "macro-F1": m.get("macro_f1"), "within one": m.get("within_one"), "MAE (years)": m.get("mae_years"),
                     "best epoch": r.get("best_epoch"), "training s": r.get("training_seconds")})
     return out

@@ -29,4 +29,5 @@ class Recipe:
 RECIPES = {
     "reference": Recipe("reference", "adam", 0.0, 0.0, "constant", 0.0, "reference", 0.0, 0.0, False),
     "modern": Recipe("modern", "adamw", 0.05, 0.05, "cosine", 0.1, "strong", 0.0, 0.1, True),
+    "adamw": Recipe("adamw", "adamw", 0.05, 0.05, "cosine", 0.0, "reference", 0.0, 0.0, True),
 }
