@@ -74,10 +74,14 @@ def described(out: Path, result: dict, state: str) -> dict:
 def with_task_runner(task_runner: str = "thread", dask_address: str | None = None):
     """The flow on Prefect's default thread pool, or on Dask: a LocalCluster, or the cluster at
     `dask_address` (then every machine must see `out` at the same path)."""
+    return on_task_runner(age_pipeline, task_runner, dask_address)
+
+
+def on_task_runner(flow_object, task_runner: str = "thread", dask_address: str | None = None):
     if task_runner == "thread":
-        return age_pipeline
+        return flow_object
     from prefect_dask import DaskTaskRunner
 
     runner = DaskTaskRunner(address=dask_address) if dask_address else DaskTaskRunner(
         cluster_kwargs={"n_workers": 2, "threads_per_worker": 1, "processes": True})
-    return age_pipeline.with_options(task_runner=runner)
+    return flow_object.with_options(task_runner=runner)

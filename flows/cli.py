@@ -224,37 +224,11 @@ def run_command(args) -> int:
     settings = settings_from(args)
     if args.dask_address and args.task_runner != "dask":
         raise ConfigError("--dask-address needs --task-runner dask")
-    began = time.time()
     precheck(settings)
-    from prefect.logging.configuration import setup_logging
-
     from flows.age_pipeline import with_task_runner
-    from flows.interrupt import cancel_flow_run, resume_hint, run_interruptibly, stop_children
 
-    setup_logging()
-    if not args.debug:
-        from flows.logs import quiet_expected_errors
-
-        quiet_expected_errors(cli=True)
-    started: dict = {}
-
-    def remember_the_run(flow, run, state) -> None:  # to mark it Cancelled on an interrupt
-        started["id"] = run.id
-
-    flow = with_task_runner(args.task_runner, args.dask_address).with_options(on_running=[remember_the_run])
-
-    def on_interrupt(signum: int) -> None:
-        hint = resume_hint(settings.out, began)
-        print(f"\nagelens: interrupted; {hint}", file=sys.stderr, flush=True)
-        if args.json:
-            print(json.dumps({"error": f"interrupted; {hint}", "kind": "Interrupted", "exit_code": 128 + signum}),
-                  flush=True)
-        if "id" in started:
-            cancel_flow_run(started["id"], f"interrupted by the user; {hint}")
-        stop_children()
-
-    with prefect_api():
-        result = run_interruptibly(lambda: flow(settings=settings), on_interrupt)
+    result = _run_flow(args, with_task_runner(args.task_runner, args.dask_address), settings.out,
+                       lambda flow: flow(settings=settings))
     print(json.dumps(result, default=str) if args.json else describe(result))
     return 0
 
@@ -266,15 +240,25 @@ def sweep_command(args) -> int:
     settings = expand(given, read_settings_file(args.settings_file) if args.settings_file else None)
     if args.dask_address and args.task_runner != "dask":
         raise ConfigError("--dask-address needs --task-runner dask")
-    began = time.time()
     for each in settings:
         precheck(each)
-    from prefect.logging.configuration import setup_logging
-
-    from flows.interrupt import cancel_flow_run, resume_hint, run_interruptibly, stop_children
     from flows.sweep import describe as describe_sweep
     from flows.sweep_flow import with_task_runner
 
+    result = _run_flow(args, with_task_runner(args.task_runner, args.dask_address), settings[0].out,
+                       lambda flow: flow(settings=settings))
+    print(json.dumps(result, default=str) if args.json else describe_sweep(result))
+    return 1 if any(r.get("error") for r in result["rows"]) else 0
+
+
+def _run_flow(args, flow, out: str, call) -> dict:
+    """Run a flow in this process with Prefect's logging (expected errors in one line); Ctrl-C or
+    SIGTERM marks the flow run Cancelled, stops worker processes and says how to resume."""
+    from prefect.logging.configuration import setup_logging
+
+    from flows.interrupt import cancel_flow_run, resume_hint, run_interruptibly, stop_children
+
+    began = time.time()
     setup_logging()
     if not args.debug:
         from flows.logs import quiet_expected_errors
@@ -282,22 +266,23 @@ def sweep_command(args) -> int:
         quiet_expected_errors(cli=True)
     started: dict = {}
 
-    def remember_the_run(flow, run, state) -> None:
+    def remember_the_run(flow, run, state) -> None:  # to mark it Cancelled on an interrupt
         started["id"] = run.id
 
-    flow = with_task_runner(args.task_runner, args.dask_address).with_options(on_running=[remember_the_run])
+    flow = flow.with_options(on_running=[remember_the_run])
 
     def on_interrupt(signum: int) -> None:
-        hint = resume_hint(settings[0].out, began)
+        hint = resume_hint(out, began)
         print(f"\nagelens: interrupted; {hint}", file=sys.stderr, flush=True)
+        if args.json:
+            print(json.dumps({"error": f"interrupted; {hint}", "kind": "Interrupted", "exit_code": 128 + signum}),
+                  flush=True)
         if "id" in started:
             cancel_flow_run(started["id"], f"interrupted by the user; {hint}")
         stop_children()
 
     with prefect_api():
-        result = run_interruptibly(lambda: flow(settings=settings), on_interrupt)
-    print(json.dumps(result, default=str) if args.json else describe_sweep(result))
-    return 1 if any(r.get("error") for r in result["rows"]) else 0
+        return run_interruptibly(lambda: call(flow), on_interrupt)
 
 
 def status_command(args) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prefect import flow
 
+from flows.age_pipeline import on_task_runner
 from flows.settings import RunSettings
 from flows.sweep import sweep_flow_fn
 
@@ -15,10 +16,4 @@ def agelens_sweep(settings: list[RunSettings]) -> dict:
 
 
 def with_task_runner(task_runner: str = "thread", dask_address: str | None = None):
-    if task_runner == "thread":
-        return agelens_sweep
-    from prefect_dask import DaskTaskRunner
-
-    runner = DaskTaskRunner(address=dask_address) if dask_address else DaskTaskRunner(
-        cluster_kwargs={"n_workers": 2, "threads_per_worker": 1, "processes": True})
-    return agelens_sweep.with_options(task_runner=runner)
+    return on_task_runner(agelens_sweep, task_runner, dask_address)
