@@ -26,7 +26,7 @@ YUNET_FILE = "face_detection_yunet_2023mar.onnx"
 YUNET_SHA256 = "8f2383e4dd3cfbb4553ea8718107fc0423210dc964f9f4280604804ed2552fa4"
 YUNET_SOURCE = "https://github.com/opencv/opencv_zoo/tree/main/models/face_detection_yunet"
 ASSETS = Path(__file__).resolve().parent / "assets"
-DETECT_SIZE = 640  # YuNet 2023mar's fixed input: every photo is letterboxed to it
+DETECT_SIZE = 640  # the longest side a photo is detected at
 MARGIN = 0.4  # of the face box's larger side, added on each side (CACD and FairFace crops show the whole head)
 MIN_SCORE = 0.6
 
@@ -84,7 +84,7 @@ class Face:
 
 
 class Detector:
-    """cv2.FaceDetectorYN on photos letterboxed to its input size; boxes in the photo's pixels."""
+    """cv2.FaceDetectorYN on the photo (shrunk to DETECT_SIZE on its longest side); boxes in the photo's pixels."""
 
     def __init__(self, model: Path, min_score: float = MIN_SCORE):
         import cv2
@@ -100,12 +100,15 @@ class Detector:
         import cv2
 
         height, width = rgb.shape[:2]
-        scale = DETECT_SIZE / max(height, width)
-        resized = cv2.resize(rgb[:, :, ::-1], (max(1, round(width * scale)), max(1, round(height * scale))),
-                             interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
-        canvas = np.zeros((DETECT_SIZE, DETECT_SIZE, 3), dtype=np.uint8)
-        canvas[: resized.shape[0], : resized.shape[1]] = resized
-        _, found = self.net.detect(canvas)
+        # Large photos are shrunk to DETECT_SIZE; small ones are not enlarged: YuNet misses faces
+        # that fill an enlarged frame (271 of 300 FairFace crops letterboxed to 640 px, 300 at their size).
+        scale = min(1.0, DETECT_SIZE / max(height, width))
+        bgr = np.ascontiguousarray(rgb[:, :, ::-1])
+        if scale < 1:
+            bgr = cv2.resize(bgr, (max(1, round(width * scale)), max(1, round(height * scale))),
+                             interpolation=cv2.INTER_AREA)
+        self.net.setInputSize((bgr.shape[1], bgr.shape[0]))
+        _, found = self.net.detect(bgr)
         faces = []
         for row in (found if found is not None else []):
             x, y, w, h = (float(v) / scale for v in row[:4])
