@@ -3,11 +3,11 @@ the same data with the same fixed test split, through `agelens run`, and its tes
 95% bootstrap intervals, its training time and images per second. On 750 test images a 2-point
 difference in accuracy is noise; the intervals say how much is not.
 
-    .venv/bin/python bench/quality.py                          # the reference recipe and the new default
-    .venv/bin/python bench/quality.py --setting reference --setting "modern:--head ages"
+    .venv/bin/python bench/quality.py                          # the demo preset against the cpu preset
+    .venv/bin/python bench/quality.py --setting reference --setting "modern:--lr 1e-3 --head ages"
     .venv/bin/python bench/quality.py --quick                  # a smoke run: 40 images per class, 2 epochs
 
-A setting is `name[:extra options]`; `name` is a recipe (reference, modern). Every setting starts
+A setting is `name[:extra options]`; `name` is a recipe (reference, adamw, modern). Every setting starts
 from the measured command of issue 17: `--preset demo --per-class all --split-by image --test-frac
 0.1 --weights none --until evaluate` on ../shared/data/fairface/labels.csv.
 """
@@ -31,7 +31,7 @@ from bench.measure import machine  # noqa: E402
 FAIRFACE = REPO.parent / "shared" / "data" / "fairface" / "labels.csv"
 BASE = ["--preset", "demo", "--per-class", "all", "--split-by", "image", "--test-frac", "0.1", "--weights", "none",
         "--until", "evaluate"]
-DEFAULT_SETTINGS = ["reference", "modern"]
+DEFAULT_SETTINGS = ["reference", "adamw:--preset cpu"]
 
 
 def run_setting(setting: str, data: Path, out: Path, quick: bool) -> dict:
