@@ -273,7 +273,9 @@ def test_a_worse_retraining_keeps_the_champion_and_predict_uses_it(run, learnabl
     assert rejected[-1]["model_digest"] == _model_digest(run.out, worse)
     assert main(["models", "--out", str(run.out)]) == 0
     listing = capsys.readouterr().out
-    assert f"champion  run {good['run']['run_id'][:8]}" in listing and f"rejected  run {worse['run']['run_id'][:8]}" in listing
+    # The champion is named by the run that promoted it (an earlier run of the same model, here).
+    assert f"champion  run {entry['champion']['run_id'][:8]}" in listing
+    assert f"rejected  run {worse['run']['run_id'][:8]}" in listing
 
     # predict: the champion's calibrated probabilities, equal to what evaluate wrote for the same images.
     predictions = pd.read_parquet(good["stages"]["evaluate"]["outputs"]["predictions"]).head(5)
