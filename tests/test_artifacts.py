@@ -40,6 +40,7 @@ def browser_dom(url: str) -> str:
     return proc.stdout
 
 
+@pytest.mark.slow
 def test_hostile_class_names_and_file_names_are_text_everywhere(server, tmp_path):
     """Label folders and file names with HTML, links, `$`, `|` and backticks, through every stage:
     no stage crashes (a matplotlib title would parse `$...$` as math), and the report, the run
@@ -68,7 +69,10 @@ def test_hostile_class_names_and_file_names_are_text_everywhere(server, tmp_path
     ui = server.url.removesuffix("/api")
     for key in ("agelens-confusion-matrix-val", "agelens-classification-report-val", "agelens-split-counts",
                 "agelens-run-report"):
-        dom = browser_dom(f"{ui}/artifacts/artifact/{by_key[key]['id']}")
+        for _ in range(3):  # on a loaded machine the page may not have fetched the artifact within the budget
+            dom = browser_dom(f"{ui}/artifacts/artifact/{by_key[key]['id']}")
+            if "onerror=alert(1)" in dom.replace("\\", ""):
+                break
         assert "onerror=alert(1)" in dom.replace("\\", ""), key  # the name is shown, as text
         assert '<img src="x"' not in dom and "<img src=x" not in dom, key
         assert 'href="javascript:' not in dom, key

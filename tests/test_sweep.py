@@ -58,6 +58,7 @@ def sweep(capsys, *options) -> dict:
     return result
 
 
+@pytest.mark.slow
 def test_four_settings_share_their_upstream_and_a_rerun_is_cached(prefect_backend, small_cacd, tmp_path, capsys):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
