@@ -84,13 +84,13 @@ def load_scorer(out: str | Path, config: str | None = None, run: str | None = No
 def _faces(path: Path, detector, size: int) -> tuple[list[tuple[np.ndarray, dict]], str | None]:
     """([(crop, where)], reason it has none)."""
     from tasks.data.decoding import decode_one
-    from tasks.model.faces import crop, read_image
+    from tasks.model.faces import check_file, crop, read_image
 
     if detector is None:  # one face per file: decoded exactly as the decode stage decodes training images
-        if not path.is_file():
-            return [], "not a regular file"
-        if path.stat().st_size == 0:
-            return [], "an empty file (0 bytes)"
+        try:
+            check_file(path)
+        except DataError as error:
+            return [], str(error)
         face = decode_one(path, size)
         if face is None:
             return [], "not a readable image"

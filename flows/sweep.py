@@ -134,7 +134,7 @@ def sweep_flow_fn(settings: list[RunSettings]) -> dict:
     from flows.runner import Runner, run_many
 
     log = get_run_logger()
-    flow_run_id = str(flow_run.get_id() or uuid.uuid4())
+    flow_run_id = uuid.UUID(str(flow_run.get_id() or uuid.uuid4()))
     out = preflight.writable_out(settings[0].out)
     with locked(active_lock(out), shared=True), open_memo(out) as memo:
         runners = []
@@ -155,7 +155,7 @@ def sweep_flow_fn(settings: list[RunSettings]) -> dict:
                 log.error("setting %d failed: %s", i + 1, runner.error)
                 rows.append(None)
                 continue
-            run_id = uuid.uuid5(uuid.UUID(flow_run_id) if _is_uuid(flow_run_id) else uuid.NAMESPACE_OID, str(i)).hex
+            run_id = uuid.uuid5(flow_run_id, str(i)).hex  # one id per setting, distinct in its first characters
             rows.append(finish(s, out, runner.inputs, runner.results, runner.states, run_id, deployment.name,
                                publish=False))
     table, best = comparison(settings, runners, rows)
@@ -165,14 +165,6 @@ def sweep_flow_fn(settings: list[RunSettings]) -> dict:
               "distinct_keys": distinct, "states": [r.states for r in runners]}
     publish_comparison(out, settings, table, best, deployment.name)
     return result
-
-
-def _is_uuid(text: str) -> bool:
-    try:
-        uuid.UUID(text)
-        return True
-    except ValueError:
-        return False
 
 
 def publish_comparison(out: Path, settings: list[RunSettings], table: list[dict], best: int | None,

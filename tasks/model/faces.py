@@ -49,12 +49,17 @@ def find_images(paths: list[str]) -> tuple[list[Path], list[dict]]:
     return files, skipped
 
 
-def read_image(path: Path) -> np.ndarray:
-    """RGB uint8 (H, W, 3) as the photo is meant to be seen; DataError with the reason otherwise."""
+def check_file(path: Path) -> None:
+    """DataError with the reason when `path` cannot hold a picture: not a regular file, or empty."""
     if not path.is_file():
         raise DataError("not a regular file")
     if path.stat().st_size == 0:
         raise DataError("an empty file (0 bytes)")
+
+
+def read_image(path: Path) -> np.ndarray:
+    """RGB uint8 (H, W, 3) as the photo is meant to be seen; DataError with the reason otherwise."""
+    check_file(path)
     try:
         with Image.open(path) as image:
             image = ImageOps.exif_transpose(image)
