@@ -31,7 +31,7 @@ from bench.measure import machine  # noqa: E402
 FAIRFACE = REPO.parent / "shared" / "data" / "fairface" / "labels.csv"
 BASE = ["--preset", "demo", "--per-class", "all", "--split-by", "image", "--test-frac", "0.1", "--weights", "none",
         "--until", "evaluate"]
-DEFAULT_SETTINGS = ["reference", "adamw:--preset cpu"]
+DEFAULT_SETTINGS = ["reference", "modern:--preset cpu"]
 
 
 def run_setting(setting: str, data: Path, out: Path, quick: bool) -> dict:

@@ -20,8 +20,9 @@ PRESETS: dict[str, dict] = {
     # The reference's pipeline with ConvNeXt-Tiny's layout at 1/8 width at 64 px: minutes on a 2-core CPU.
     "demo": {"backbone": "convnext_narrow", "image_size": 64, "epochs": 12, "lr": 3e-4},
     # Real faces from scratch on a 2-core CPU in about 10 minutes for 7,000 images: the best of
-    # bench/quality.py's runs on FairFace (test accuracy 0.348 against the demo preset's 0.312).
-    "cpu": {"backbone": "resnet18", "image_size": 64, "epochs": 6, "lr": 1e-3, "recipe": "adamw"},
+    # bench/quality.py's runs on FairFace (README, "Recipes measured on real faces").
+    "cpu": {"backbone": "resnet10", "image_size": 64, "epochs": 12, "lr": 2e-3, "batch_size": 64, "recipe": "modern",
+            "weights": "none"},
 }
 CamMethod = Literal["grad_cam", "hirescam", "grad_cam_plus_plus", "xgrad_cam", "layer_cam", "score_cam"]
 StageName = Literal[STAGE_NAMES]  # type: ignore[valid-type]
@@ -38,7 +39,7 @@ class RunSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     preset: Literal["demo", "cpu"] | None = Field(None, description="named overrides: demo (a small model at 64 px, "
-                                                                      "quick), cpu (ResNet-18 at 64 px, real faces from "
+                                                                      "quick), cpu (ResNet-10 at 64 px, real faces from "
                                                                       "scratch on a CPU)")
     # data
     data: str | None = Field(None, description="metadata: CACD .mat (v5 or v7.3), a CSV with path,age[,identity], "
@@ -54,7 +55,8 @@ class RunSettings(BaseModel):
     test_frac: float = Field(0.15, ge=0, lt=1, description="share of identities (or images) held out for test metrics, "
                                                            "by a seeded hash: stable as data grows; 0 for none")
     # training
-    backbone: str = Field("convnext_tiny", description="a torchvision classifier, or convnext_narrow")
+    backbone: str = Field("convnext_tiny", description="a torchvision classifier, or convnext_narrow or "
+                                                                  "resnet10")
     weights: str = Field("auto", description="auto (ImageNet for real data, none for the demo), imagenet, none, or a "
                                              ".pth/.safetensors state dict")
     epochs: int = Field(5, ge=1, le=10_000, description="training epochs; the one with the lowest val loss is kept")

@@ -142,6 +142,9 @@ def test_list_options_take_commas_and_presets_yield_to_explicit_options():
     assert settings.cam_methods == ["grad_cam", "layer_cam"] and settings.per_class == "all"
     assert (settings.backbone, settings.image_size, settings.epochs) == ("convnext_narrow", 64, 3)
     assert settings.sanity_check is False
+    # The cpu preset trains from scratch even on real data, where --weights auto means ImageNet.
+    real = settings_from(parser.parse_args(["run", "--preset", "cpu", "--data", "faces.csv"]))
+    assert (real.backbone, real.weights_choice) == ("resnet10", "none")
 
 
 def test_missing_data_file_is_one_clear_error(prefect_backend, tmp_path, capsys):

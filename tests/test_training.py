@@ -20,7 +20,7 @@ SETTINGS = {"epochs": 3, "batch_size": 16, "lr": 1e-3, "seed": 4, "max_steps": N
 
 @pytest.mark.parametrize("backbone, head", [
     ("resnet18", "fc"), ("mobilenet_v3_small", "classifier.3"), ("efficientnet_b0", "classifier.1"),
-    ("convnext_tiny", "classifier.2"), ("convnext_narrow", "classifier.2"),
+    ("convnext_tiny", "classifier.2"), ("convnext_narrow", "classifier.2"), ("resnet10", "fc"),
 ])
 def test_last_classifier_layer_is_resized_for_any_torchvision_head(backbone, head):
     model = build_model(backbone, 6).eval()

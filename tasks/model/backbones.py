@@ -124,7 +124,15 @@ def convnext_narrow(**kwargs) -> nn.Module:
     return ConvNeXt(blocks, stochastic_depth_prob=0.0, **kwargs)
 
 
-LOCAL_MODELS = {"convnext_narrow": convnext_narrow}
+def resnet10(**kwargs) -> nn.Module:
+    """ResNet-18 with one residual block per stage instead of two: twice its speed, for real faces
+    from scratch on a CPU, where it learns more within ten minutes than ResNet-18 (README)."""
+    from torchvision.models.resnet import BasicBlock, ResNet
+
+    return ResNet(BasicBlock, [1, 1, 1, 1], **kwargs)
+
+
+LOCAL_MODELS = {"convnext_narrow": convnext_narrow, "resnet10": resnet10}
 
 
 def _instantiate(backbone: str, image_size: int | None) -> nn.Module:
@@ -132,7 +140,8 @@ def _instantiate(backbone: str, image_size: int | None) -> nn.Module:
         return LOCAL_MODELS[backbone]()
     if backbone not in torchvision.models.list_models(module=torchvision.models):
         raise DataError(f"unknown backbone {backbone!r}: not a torchvision classifier (e.g. convnext_tiny, resnet18, "
-                        "efficientnet_b0, vit_b_16, swin_t) nor convnext_narrow")
+                        "efficientnet_b0, vit_b_16, swin_t) nor one of agelens's own: "
+                        + ", ".join(LOCAL_MODELS))
     # A ViT's position embeddings are sized for one input size.
     extra = {"image_size": image_size} if backbone.startswith("vit_") and image_size else {}
     return torchvision.models.get_model(backbone, weights=None, **extra)
