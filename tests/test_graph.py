@@ -156,6 +156,7 @@ print(study_report(job))
 """
 
 
+@pytest.mark.slow  # four CLI processes against a server
 def test_a_new_stage_is_one_module_and_one_line_of_the_graph(server, small_cacd, tmp_path):
     """A toy stage added to a copy of the package: one new module, one line in flows/graph.py;
     it then runs, is cached, and shows in `agelens status`, the CLI summary and the report."""

@@ -45,6 +45,7 @@ def saved_epoch(out: Path, since: float = 0.0) -> int:
     return 0
 
 
+@pytest.mark.slow
 def test_ctrl_c_and_sigterm_stop_a_run_within_seconds_and_say_where_training_resumes(server, small_cacd, tmp_path):
     meta = str(small_cacd / "celebrity2000_meta.mat")
     out, stopped = tmp_path / "o", 0
