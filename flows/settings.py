@@ -55,8 +55,7 @@ class RunSettings(BaseModel):
     test_frac: float = Field(0.15, ge=0, lt=1, description="share of identities (or images) held out for test metrics, "
                                                            "by a seeded hash: stable as data grows; 0 for none")
     # training
-    backbone: str = Field("convnext_tiny", description="a torchvision classifier, or convnext_narrow or "
-                                                                  "resnet10")
+    backbone: str = Field("convnext_tiny", description="a torchvision classifier, or convnext_narrow or resnet10")
     weights: str = Field("auto", description="auto (ImageNet for real data, none for the demo), imagenet, none, or a "
                                              ".pth/.safetensors state dict")
     epochs: int = Field(5, ge=1, le=10_000, description="training epochs; the one with the lowest val loss is kept")
