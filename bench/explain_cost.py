@@ -34,17 +34,17 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.measure import machine, spread  # noqa: E402
 from bench.train_throughput import ensure_images  # noqa: E402
-from flows.graph import BY_NAME  # noqa: E402
-from flows.settings import RunSettings  # noqa: E402
-from tasks import attention, explain  # noqa: E402
-from tasks.reporting.plots import grids  # noqa: E402
-from tasks.attribution.cams import cam_maps, guided_backprop, guided_grad_cam  # noqa: E402
-from tasks.attribution.layers import resolve_layer  # noqa: E402
-from tasks.data.decoding import decode_into  # noqa: E402
-from tasks.model.inference import Runtime, model_input  # noqa: E402
-from tasks.model.backbones import build_model, last_linear_name  # noqa: E402
-from tasks.attribution.randomisation import rank_correlation  # noqa: E402
-from tasks.core.stage import Job  # noqa: E402
+from agelens.flows.pipeline.graph import BY_NAME  # noqa: E402
+from agelens.flows.pipeline.settings import RunSettings  # noqa: E402
+from agelens.tasks import attention, explain  # noqa: E402
+from agelens.tasks.reporting.plots import grids  # noqa: E402
+from agelens.tasks.attribution.cams import cam_maps, guided_backprop, guided_grad_cam  # noqa: E402
+from agelens.tasks.attribution.layers import resolve_layer  # noqa: E402
+from agelens.tasks.data.decoding import decode_into  # noqa: E402
+from agelens.tasks.model.inference import Runtime, model_input  # noqa: E402
+from agelens.tasks.model.backbones import build_model, last_linear_name  # noqa: E402
+from agelens.tasks.attribution.randomisation import rank_correlation  # noqa: E402
+from agelens.tasks.core.stage import Job  # noqa: E402
 
 CLASSES = ["10s", "20s", "30s", "40s", "50s", "60s"]
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.measure import machine, spread  # noqa: E402
-from tasks.data.validation import validate  # noqa: E402
-from tasks.data.sources import detect_format, list_images, read_source  # noqa: E402
+from agelens.tasks.data.validation import validate  # noqa: E402
+from agelens.tasks.data.sources import detect_format, list_images, read_source  # noqa: E402
 
 DEFAULT = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cacd" / "celebrity2000_meta.mat"
 

@@ -24,11 +24,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.measure import machine, spread  # noqa: E402
 from bench.train_throughput import ensure_images  # noqa: E402
-from flows.predict import Scorer, score  # noqa: E402
-from tasks.data.decoding import decode_one  # noqa: E402
-from tasks.model.backbones import build_model  # noqa: E402
-from tasks.model.heads import Head  # noqa: E402
-from tasks.model.inference import Runtime, predict, prepare  # noqa: E402
+from agelens.flows.predict.scoring import Scorer, score  # noqa: E402
+from agelens.tasks.data.decoding import decode_one  # noqa: E402
+from agelens.tasks.model.backbones import build_model  # noqa: E402
+from agelens.tasks.model.heads import Head  # noqa: E402
+from agelens.tasks.model.inference import Runtime, predict, prepare  # noqa: E402
 
 CLASSES = tuple(f"{d}0s" for d in range(1, 7))
 

@@ -40,7 +40,7 @@ def run_setting(setting: str, data: Path, out: Path, quick: bool) -> dict:
     if quick:
         options += ["--per-class", "40", "--epochs", "2", "--test-frac", "0.2"]
     began = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "flows", "run", "--data", str(data), "--out", str(out), *options,
+    proc = subprocess.run([sys.executable, "-m", "agelens", "run", "--data", str(data), "--out", str(out), *options,
                            "--json"], cwd=REPO, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{setting}: agelens failed:\n{proc.stderr[-3000:]}")

@@ -30,7 +30,7 @@ from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.measure import machine, run_measured  # noqa: E402
-from tasks.data.sources import read_source  # noqa: E402
+from agelens.tasks.data.sources import read_source  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_META = REPO / ".." / "shared" / "data" / "cacd" / "celebrity2000_meta.mat"

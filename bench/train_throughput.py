@@ -35,13 +35,13 @@ from torchvision import transforms
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.measure import machine, spread  # noqa: E402
-from tasks.data.decoding import decode_into  # noqa: E402
-from tasks.data.demo import DemoSpec, write_demo  # noqa: E402
-from tasks.model.inference import IMAGENET_MEAN, IMAGENET_STD, Runtime, prepare  # noqa: E402
-from tasks.model.backbones import build_model  # noqa: E402
-from tasks.model.heads import Head  # noqa: E402
-from tasks.model.recipes import RECIPES  # noqa: E402
-from tasks.model.training import epoch_plan, train_one_epoch  # noqa: E402
+from agelens.tasks.data.decoding import decode_into  # noqa: E402
+from agelens.tasks.data.demo import DemoSpec, write_demo  # noqa: E402
+from agelens.tasks.model.inference import IMAGENET_MEAN, IMAGENET_STD, Runtime, prepare  # noqa: E402
+from agelens.tasks.model.backbones import build_model  # noqa: E402
+from agelens.tasks.model.heads import Head  # noqa: E402
+from agelens.tasks.model.recipes import RECIPES  # noqa: E402
+from agelens.tasks.model.training import epoch_plan, train_one_epoch  # noqa: E402
 
 
 def ensure_images(folder: Path, needed: int) -> list[Path]:

@@ -3,7 +3,7 @@ each class (predicted-class maps), drawn over the class's mean face."""
 
 from __future__ import annotations
 
-from tasks.core.stage import Job, Stage, Summary, logger
+from agelens.tasks.core.stage import Job, Stage, Summary, logger
 
 
 class AttentionSummary(Summary):
@@ -18,12 +18,12 @@ STAGE = Stage("attention", AttentionSummary, needs=("decode", "train"), reads=("
 def run(job: Job) -> dict:
     import numpy as np
 
-    from tasks.attribution.cams import mean_maps
-    from tasks.attribution.layers import cam_layer_of
-    from tasks.data.arrays import open_decoded
-    from tasks.data.picking import first_per_class
-    from tasks.model.inference import load_trained, runtime_for
-    from tasks.reporting.plots import grids
+    from agelens.tasks.attribution.cams import mean_maps
+    from agelens.tasks.attribution.layers import cam_layer_of
+    from agelens.tasks.data.arrays import open_decoded
+    from agelens.tasks.data.picking import first_per_class
+    from agelens.tasks.model.inference import load_trained, runtime_for
+    from agelens.tasks.reporting.plots import grids
 
     log = logger()
     settings = job.settings
@@ -50,6 +50,6 @@ def describe(s: AttentionSummary) -> str:
 
 
 def report_section(view) -> list[str]:
-    from tasks.reporting.markdown import image
+    from agelens.tasks.reporting.markdown import image
 
     return ["## What the model looks at, per class", image(view.path("attention"), "mean Grad-CAM per class", 720)]

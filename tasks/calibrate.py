@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from tasks.core.stage import Job, Stage, Summary, logger
+from agelens.tasks.core.stage import Job, Stage, Summary, logger
 
 
 class CalibrateSummary(Summary):
@@ -18,10 +18,10 @@ STAGE = Stage("calibrate", CalibrateSummary, needs=("decode", "train"), uses=("d
 
 
 def run(job: Job) -> dict:
-    from tasks.core.stage import write_json
-    from tasks.data.arrays import open_decoded, rows_of
-    from tasks.model.calibration import fit_temperature, nll
-    from tasks.model.inference import head_of, load_trained, predict_logits, runtime_for
+    from agelens.tasks.core.stage import write_json
+    from agelens.tasks.data.arrays import open_decoded, rows_of
+    from agelens.tasks.model.calibration import fit_temperature, nll
+    from agelens.tasks.model.inference import head_of, load_trained, predict_logits, runtime_for
 
     log = logger()
     index, array = open_decoded(job)

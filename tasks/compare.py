@@ -1,11 +1,11 @@
-"""Stage: should this run's model replace its configuration's champion (flows/models.py)? The
+"""Stage: should this run's model replace its configuration's champion (flows/registry/models.py)? The
 champion is scored again, now, on exactly the images this model was scored on (the current test
 split: the data may have grown), and this model replaces it only when it is at least as accurate.
 The decision is applied when the run ends; a rejected model is recorded with the reason."""
 
 from __future__ import annotations
 
-from tasks.core.stage import Job, Stage, Summary, logger
+from agelens.tasks.core.stage import Job, Stage, Summary, logger
 
 
 class CompareSummary(Summary):
@@ -30,11 +30,11 @@ def champion_probs(champion: dict, paths: list[str], root, runtime, batch_size: 
     import numpy as np
     from safetensors.torch import load_file
 
-    from tasks.core.errors import DataError
-    from tasks.data.decoding import decode_one
-    from tasks.model.backbones import build_model
-    from tasks.model.heads import Head
-    from tasks.model.inference import predict, prepare
+    from agelens.tasks.core.errors import DataError
+    from agelens.tasks.data.decoding import decode_one
+    from agelens.tasks.model.backbones import build_model
+    from agelens.tasks.model.heads import Head
+    from agelens.tasks.model.inference import predict, prepare
 
     facts = champion["facts"]
     size = facts["image_size"]
@@ -54,9 +54,9 @@ def run(job: Job) -> dict:
     import numpy as np
     import pandas as pd
 
-    from tasks.core.stage import write_json
-    from tasks.model.inference import Runtime
-    from tasks.model.metrics import interval
+    from agelens.tasks.core.stage import write_json
+    from agelens.tasks.model.inference import Runtime
+    from agelens.tasks.model.metrics import interval
 
     log = logger()
     evaluate = job.summary("evaluate")
@@ -105,7 +105,7 @@ def describe(s: CompareSummary) -> str:
 
 
 def report_section(view) -> list[str]:
-    from tasks.reporting.markdown import escape
+    from agelens.tasks.reporting.markdown import escape
 
     s = view.summary
     verdict = {"promote": "**Promoted** to champion of this configuration: ",

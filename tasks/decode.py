@@ -3,7 +3,7 @@ memory (tasks/data/decoding.py), with progress in the terminal, the log and the 
 
 from __future__ import annotations
 
-from tasks.core.stage import Job, Stage, Summary, logger
+from agelens.tasks.core.stage import Job, Stage, Summary, logger
 
 
 class DecodeSummary(Summary):
@@ -27,9 +27,9 @@ def run(job: Job) -> dict:
 
     import pandas as pd
 
-    from tasks.core.errors import DataError
-    from tasks.data.decoding import check_space, decode_into
-    from tasks.reporting.progress import DecodeProgress
+    from agelens.tasks.core.errors import DataError
+    from agelens.tasks.data.decoding import check_space, decode_into
+    from agelens.tasks.reporting.progress import DecodeProgress
 
     log = logger()
     size = job.settings["image_size"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tasks.core.stage import Job, Stage, Summary, logger
+from agelens.tasks.core.stage import Job, Stage, Summary, logger
 
 
 class EmbedSummary(Summary):
@@ -18,11 +18,11 @@ STAGE = Stage("embed", EmbedSummary, needs=("decode", "train"), reads=("embed_im
 def run(job: Job) -> dict:
     import numpy as np
 
-    from tasks.data.arrays import open_decoded
-    from tasks.data.picking import stratified
-    from tasks.model.inference import load_trained, penultimate_features, runtime_for
-    from tasks.model.projection import project
-    from tasks.reporting.plots import base, evaluation
+    from agelens.tasks.data.arrays import open_decoded
+    from agelens.tasks.data.picking import stratified
+    from agelens.tasks.model.inference import load_trained, penultimate_features, runtime_for
+    from agelens.tasks.model.projection import project
+    from agelens.tasks.reporting.plots import base, evaluation
 
     log = logger()
     settings = job.settings
@@ -56,6 +56,6 @@ def describe(s: EmbedSummary) -> str:
 
 
 def report_section(view) -> list[str]:
-    from tasks.reporting.markdown import image
+    from agelens.tasks.reporting.markdown import image
 
     return ["## Embedding of penultimate features", image(view.path("pca"), "PCA"), image(view.path("tsne"), "t-SNE")]

@@ -5,7 +5,7 @@ known, also the age in years: MAE and the share within 5 years (CS5)."""
 
 from __future__ import annotations
 
-from tasks.core.stage import Job, Stage, Summary, logger
+from agelens.tasks.core.stage import Job, Stage, Summary, logger
 
 
 class SplitMetrics(Summary):
@@ -45,12 +45,12 @@ def run(job: Job) -> dict:
     import pandas as pd
     import torch
 
-    from tasks.core.stage import write_json
-    from tasks.data.arrays import open_decoded, rows_of
-    from tasks.model.calibration import ece, reliability
-    from tasks.model.inference import head_of, load_trained, predict_logits, runtime_for
-    from tasks.model.metrics import split_metrics
-    from tasks.reporting.plots import base, evaluation
+    from agelens.tasks.core.stage import write_json
+    from agelens.tasks.data.arrays import open_decoded, rows_of
+    from agelens.tasks.model.calibration import ece, reliability
+    from agelens.tasks.model.inference import head_of, load_trained, predict_logits, runtime_for
+    from agelens.tasks.model.metrics import split_metrics
+    from agelens.tasks.reporting.plots import base, evaluation
 
     log = logger()
     index, array = open_decoded(job)
@@ -133,8 +133,8 @@ def describe(s: EvaluateSummary) -> str:
 def report_section(view) -> list[str]:
     import json
 
-    from tasks.reporting.markdown import escape, image, table
-    from tasks.reporting.tables import class_report_rows
+    from agelens.tasks.reporting.markdown import escape, image, table
+    from agelens.tasks.reporting.tables import class_report_rows
 
     s = view.summary
     split, m = s.headline
@@ -158,7 +158,7 @@ def report_section(view) -> list[str]:
 def tables(view) -> list:
     import json
 
-    from tasks.reporting.tables import Table, class_report_rows, confusion_rows
+    from agelens.tasks.reporting.tables import Table, class_report_rows, confusion_rows
 
     metrics = json.loads(view.path("metrics").read_text())
     found = [Table("metrics", _rows(view.summary), "Test and validation metrics with 95% bootstrap intervals")]

@@ -5,7 +5,7 @@ random-logit test."""
 
 from __future__ import annotations
 
-from tasks.core.stage import Job, Stage, Summary, logger
+from agelens.tasks.core.stage import Job, Stage, Summary, logger
 
 
 class ExplainSummary(Summary):
@@ -32,12 +32,12 @@ def run(job: Job) -> dict:
     import numpy as np
     import torch
 
-    from tasks.attribution import evidence
-    from tasks.attribution.layers import cam_layer_of
-    from tasks.core.errors import DataError
-    from tasks.data.arrays import open_decoded
-    from tasks.data.picking import first_per_class
-    from tasks.model.inference import load_trained, model_input, runtime_for
+    from agelens.tasks.attribution import evidence
+    from agelens.tasks.attribution.layers import cam_layer_of
+    from agelens.tasks.core.errors import DataError
+    from agelens.tasks.data.arrays import open_decoded
+    from agelens.tasks.data.picking import first_per_class
+    from agelens.tasks.model.inference import load_trained, model_input, runtime_for
 
     log = logger()
     settings = job.settings
@@ -80,7 +80,7 @@ def _draw_maps(out, array, index, rows, trained: dict, methods: list[str], cam_l
     """The reference's strip and the maps per image, and one grid of every CAM method."""
     import numpy as np
 
-    from tasks.reporting.plots import grids
+    from agelens.tasks.reporting.plots import grids
 
     maps, labels, strips = trained["maps"], trained["labels"], []
     for i, row in enumerate(rows):
@@ -104,7 +104,7 @@ def _draw_maps(out, array, index, rows, trained: dict, methods: list[str], cam_l
 
 
 def _draw_faithfulness(out, faithful: dict, per_image, table) -> None:
-    from tasks.reporting.plots import base, explanations
+    from agelens.tasks.reporting.plots import base, explanations
 
     per_image.to_csv(out.path("faithfulness_per_image.csv"), index=False)
     table.to_csv(out.path("faithfulness.csv"), index=False)
@@ -119,7 +119,7 @@ def _draw_faithfulness(out, faithful: dict, per_image, table) -> None:
 
 
 def _draw_randomisation(out, steps, overview, logit) -> None:
-    from tasks.reporting.plots import base, explanations
+    from agelens.tasks.reporting.plots import base, explanations
 
     steps.to_csv(out.path("randomisation_per_image.csv"), index=False)
     overview.to_csv(out.path("randomisation.csv"), index=False)
@@ -141,7 +141,7 @@ def describe(s: ExplainSummary) -> str:
 
 
 def report_section(view) -> list[str]:
-    from tasks.reporting.markdown import escape, image, table
+    from agelens.tasks.reporting.markdown import escape, image, table
 
     s = view.summary
     parts = [f"## Explanations on {escape(s.cam_layer)} (original | {escape(s.methods[0])} | guided backprop | "
@@ -165,7 +165,7 @@ def report_section(view) -> list[str]:
 
 
 def tables(view) -> list:
-    from tasks.reporting.tables import Table
+    from agelens.tasks.reporting.tables import Table
 
     s = view.summary
     found = [Table("faithfulness", s.faithfulness, "Deletion (lower is better) and insertion (higher is better) "

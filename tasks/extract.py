@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tasks.core.stage import Job, Stage, Summary, logger
+from agelens.tasks.core.stage import Job, Stage, Summary, logger
 
 
 class ExtractSummary(Summary):
@@ -26,8 +26,8 @@ def run(job: Job) -> dict:
     """Read the metadata, validate it against the image folder, write `metadata.parquet`."""
     from pathlib import Path
 
-    from tasks.data.sources import list_images, read_source
-    from tasks.data.validation import validate
+    from agelens.tasks.data.sources import list_images, read_source
+    from agelens.tasks.data.validation import validate
 
     log = logger()
     source, listing = job.inputs["source"], job.inputs["listing"]
@@ -56,7 +56,7 @@ def describe(s: ExtractSummary) -> str:
 
 
 def tables(view) -> list:
-    from tasks.reporting.tables import Table
+    from agelens.tasks.reporting.tables import Table
 
     s = view.summary
     rows = [{"measure": "rows in metadata", "value": s.rows_in}, {"measure": "rows kept", "value": s.rows_out},

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tasks.core.stage import Job, Stage, Summary, logger
+from agelens.tasks.core.stage import Job, Stage, Summary, logger
 
 
 class FeatureMapsSummary(Summary):
@@ -19,11 +19,11 @@ STAGE = Stage("featuremaps", FeatureMapsSummary, needs=("decode", "train"), uses
 def run(job: Job) -> dict:
     import torch
 
-    from tasks.attribution.layers import feature_layers_of, layer_outputs
-    from tasks.data.arrays import open_decoded
-    from tasks.data.picking import first_per_class
-    from tasks.model.inference import load_trained, model_input, runtime_for
-    from tasks.reporting.plots import grids
+    from agelens.tasks.attribution.layers import feature_layers_of, layer_outputs
+    from agelens.tasks.data.arrays import open_decoded
+    from agelens.tasks.data.picking import first_per_class
+    from agelens.tasks.model.inference import load_trained, model_input, runtime_for
+    from agelens.tasks.reporting.plots import grids
 
     log = logger()
     settings = job.settings

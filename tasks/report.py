@@ -5,7 +5,7 @@ report follows the graph; a stage without one is listed with its summary."""
 
 from __future__ import annotations
 
-from tasks.core.stage import EARLIER, Job, Stage, Summary
+from agelens.tasks.core.stage import EARLIER, Job, Stage, Summary
 
 
 class ReportSummary(Summary):
@@ -20,8 +20,8 @@ def study_report(job: Job) -> str:
     """The markdown of the report. Every user string is escaped."""
     from pathlib import Path
 
-    from tasks.core.stage import View, spec
-    from tasks.reporting.markdown import escape, table
+    from agelens.tasks.core.stage import View, spec
+    from agelens.tasks.reporting.markdown import escape, table
 
     parts = ["# agelens run report"]
     for name in job.upstream:  # in graph order

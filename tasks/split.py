@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tasks.core.stage import Job, Stage, Summary, logger
+from agelens.tasks.core.stage import Job, Stage, Summary, logger
 
 
 class SplitSummary(Summary):
@@ -24,7 +24,7 @@ def run(job: Job) -> dict:
     """Sample and split; write `manifest.parquet` (every sampled image and its split)."""
     import pandas as pd
 
-    from tasks.data.splitting import make_manifest
+    from agelens.tasks.data.splitting import make_manifest
 
     log = logger()
     settings = job.settings
@@ -52,7 +52,7 @@ def describe(s: SplitSummary) -> str:
 
 
 def report_section(view) -> list[str]:
-    from tasks.reporting.markdown import escape, table
+    from agelens.tasks.reporting.markdown import escape, table
 
     s = view.summary
     drawn = ", ".join(f"{escape(c)} {n}" for c, n in s.per_class.items())
@@ -61,7 +61,7 @@ def report_section(view) -> list[str]:
 
 
 def tables(view) -> list:
-    from tasks.reporting.tables import Table
+    from agelens.tasks.reporting.tables import Table
 
     s = view.summary
     return [Table("split-counts", _rows(s), f"Images drawn per class per split (split by {s.split_by}; identities "

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tasks.core.stage import Job, Stage, Summary, logger
+from agelens.tasks.core.stage import Job, Stage, Summary, logger
 
 
 class TrainSummary(Summary):
@@ -33,16 +33,16 @@ def run(job: Job) -> dict:
     import torch
     from safetensors.torch import save_file
 
-    from tasks.core.errors import DataError
-    from tasks.core.stage import write_json
-    from tasks.data.arrays import open_decoded, rows_of
-    from tasks.model.backbones import build_model
-    from tasks.model.heads import head_for
-    from tasks.model.inference import Runtime
-    from tasks.model.recipes import RECIPES
-    from tasks.model.training import fit, private_rng
-    from tasks.reporting.plots import base, training
-    from tasks.reporting.progress import TrainingProgress
+    from agelens.tasks.core.errors import DataError
+    from agelens.tasks.core.stage import write_json
+    from agelens.tasks.data.arrays import open_decoded, rows_of
+    from agelens.tasks.model.backbones import build_model
+    from agelens.tasks.model.heads import head_for
+    from agelens.tasks.model.inference import Runtime
+    from agelens.tasks.model.recipes import RECIPES
+    from agelens.tasks.model.training import fit, private_rng
+    from agelens.tasks.reporting.plots import base, training
+    from agelens.tasks.reporting.progress import TrainingProgress
 
     log = logger()
     settings = job.settings
@@ -102,7 +102,7 @@ def describe(s: TrainSummary) -> str:
 
 
 def report_section(view) -> list[str]:
-    from tasks.reporting.markdown import escape, image
+    from agelens.tasks.reporting.markdown import escape, image
 
     s = view.summary
     return [f"**{escape(view.context['backbone'])}** at {view.context['image_size']} px, {escape(s.head)} head, "
@@ -112,7 +112,7 @@ def report_section(view) -> list[str]:
 
 
 def tables(view) -> list:
-    from tasks.reporting.tables import Table, csv_rows, rounded_rows
+    from agelens.tasks.reporting.tables import Table, csv_rows, rounded_rows
 
     return [Table("training-history", rounded_rows(csv_rows(view.path("history"))),
                   "Loss and accuracy per epoch; `kept` marks the epoch with the lowest validation loss")]

@@ -14,7 +14,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # the suite runs on as many workers a
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
-from tasks.data.demo import DemoSpec, plan_demo, write_demo  # noqa: E402
+from agelens.tasks.data.demo import DemoSpec, plan_demo, write_demo  # noqa: E402
 
 
 def pytest_configure(config):

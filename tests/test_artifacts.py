@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tasks.reporting.artifacts import artifact_key, cell_text, safe_rows
+from agelens.tasks.reporting.artifacts import artifact_key, cell_text, safe_rows
 
 REPO = Path(__file__).resolve().parents[1]
 HOSTILE = ["<img src=x onerror=alert(1)>", "[l](javascript:alert(1))", "$x$ and `y` |z"]
@@ -51,7 +51,7 @@ def test_hostile_class_names_and_file_names_are_text_everywhere(server, tmp_path
         for i in range(10):
             pixels = np.clip(rng.normal(60 + 70 * k, 30, (36, 36, 3)), 0, 255).astype(np.uint8)
             Image.fromarray(pixels).save(tmp_path / "data" / label / f"${i}$ |`{i}`<b>.png")
-    proc = subprocess.run([sys.executable, "-m", "flows", "run", "--data", str(tmp_path / "data"), "--out",
+    proc = subprocess.run([sys.executable, "-m", "agelens", "run", "--data", str(tmp_path / "data"), "--out",
                            str(tmp_path / "out"), "--backbone", "convnext_narrow", "--weights", "none",
                            "--image-size", "32", "--epochs", "1", "--val-frac", "0.5", "--explain-classes",
                            ",".join(HOSTILE[:2]), "--explain-images", "1", "--feature-images", "1",

@@ -10,13 +10,13 @@ import torch
 from torch import nn
 from torchvision.models import SwinTransformer, VisionTransformer
 
-from tasks.attribution.cams import GRADIENT_CAMS, cam_maps, guided_backprop
-from tasks.attribution.layers import as_nchw, cam_layer_of, check_layers, feature_layers_of, layout, resolve_layer
-from tasks.core.errors import DataError
-from tasks.attribution.evidence import adjacent_classes, explain_batch
-from tasks.attribution.layers import layer_outputs
-from tasks.model.inference import Runtime, model_input, penultimate_features
-from tasks.model.backbones import build_model
+from agelens.tasks.attribution.cams import GRADIENT_CAMS, cam_maps, guided_backprop
+from agelens.tasks.attribution.layers import as_nchw, cam_layer_of, check_layers, feature_layers_of, layout, resolve_layer
+from agelens.tasks.core.errors import DataError
+from agelens.tasks.attribution.evidence import adjacent_classes, explain_batch
+from agelens.tasks.attribution.layers import layer_outputs
+from agelens.tasks.model.inference import Runtime, model_input, penultimate_features
+from agelens.tasks.model.backbones import build_model
 
 ALL = [*GRADIENT_CAMS, "score_cam"]
 
@@ -93,7 +93,7 @@ def test_every_cam_method_equals_pytorch_grad_cam(convnext, method, targets):
 
 
 def test_all_gradient_methods_come_from_one_pass(convnext, monkeypatch):
-    import tasks.attribution.cams as attribution
+    import agelens.tasks.attribution.cams as attribution
 
     calls = []
     real = attribution.activations_and_gradients
@@ -106,7 +106,7 @@ def test_all_gradient_methods_come_from_one_pass(convnext, monkeypatch):
 def test_the_automatic_cam_layer_keeps_a_usable_resolution(convnext, size, layer, side):
     """At 32 px ConvNeXt's last stage is 1x1 and at 64 px 2x2: every CAM method then draws the same
     blob. The automatic choice goes back a stage at a time until the map has 4 cells a side."""
-    from tasks.attribution.layers import map_sides
+    from agelens.tasks.attribution.layers import map_sides
 
     assert cam_layer_of(convnext, "auto", size) == layer
     assert map_sides(convnext, [layer], size)[layer] == side
@@ -117,8 +117,8 @@ def test_the_automatic_cam_layer_keeps_a_usable_resolution(convnext, size, layer
 
 
 def test_preflight_names_the_cam_layer_and_warns_when_it_is_coarse():
-    from flows.preflight import check_model_settings
-    from flows.settings import RunSettings
+    from agelens.flows.service.preflight import check_model_settings
+    from agelens.flows.pipeline.settings import RunSettings
 
     notes = check_model_settings(RunSettings(backbone="convnext_narrow", image_size=64), {"explain"})
     assert notes == ["CAM layer features.5 (chosen for 64 px): a 4x4 map"]

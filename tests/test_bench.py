@@ -4,8 +4,8 @@ import numpy as np
 import torch
 
 from bench.train_throughput import agelens_loop, ceiling_loop, decoded_array, ensure_images, labels_of, reference_loop
-from tasks.data.demo import DemoSpec, write_demo
-from tasks.model.inference import Runtime
+from agelens.tasks.data.demo import DemoSpec, write_demo
+from agelens.tasks.model.inference import Runtime
 
 
 def test_loops_count_the_images_they_processed_even_when_too_few_were_on_disk(tmp_path):

@@ -8,15 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from flows.cli import main
-from flows.locks import active_lock, locked
-from flows.status import reasons
+from agelens.flows.cli.main import main
+from agelens.flows.service.locks import active_lock, locked
+from agelens.flows.service.status import reasons
 
 SPLIT_ONLY = ["--until", "split", "--per-class", "15"]
 
 
 def agelens(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, timeout=timeout,
+    return subprocess.run([sys.executable, "-m", "agelens", *args], capture_output=True, text=True, timeout=timeout,
                           env=env)
 
 
@@ -51,7 +51,7 @@ def test_reasons_name_settings_code_inputs_and_upstream():
 
 
 def test_status_imports_neither_torch_nor_prefect(small_cacd, tmp_path):
-    code = ("import sys; from flows.cli import main; "
+    code = ("import sys; from agelens.flows.cli.main import main; "
             f"main(['status', '--data', {str(small_cacd / 'celebrity2000_meta.mat')!r}, '--out', {str(tmp_path)!r}]); "
             "print(sorted(m for m in ('torch', 'prefect', 'matplotlib', 'pandas') if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -90,7 +90,7 @@ def test_two_runs_into_one_folder_both_succeed_with_what_a_solo_run_makes(server
     options = ["--data", meta, "--until", "train", "--backbone", "convnext_narrow", "--image-size", "32",
                "--epochs", "3", "--weights", "none", "--per-class", "20", "--json"]
     shared, solo = tmp_path / "shared", tmp_path / "solo"
-    runs = [subprocess.Popen([sys.executable, "-m", "flows.cli", "run", *options, "--out", str(shared)],
+    runs = [subprocess.Popen([sys.executable, "-m", "agelens", "run", *options, "--out", str(shared)],
                              env=server.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             for _ in range(2)]
     outputs = [run.communicate(timeout=600) for run in runs]
@@ -171,8 +171,8 @@ def test_damaged_outputs_are_noticed_and_recomputed(prefect_backend, small_cacd,
 
 
 def test_new_bytes_under_a_restored_mtime_are_noticed(prefect_backend, small_cacd, tmp_path):
-    from flows.age_pipeline import age_pipeline
-    from flows.settings import RunSettings
+    from agelens.flows.pipeline.flow import age_pipeline
+    from agelens.flows.pipeline.settings import RunSettings
 
     settings = RunSettings(data=str(small_cacd / "celebrity2000_meta.mat"), out=str(tmp_path / "o"), until="decode",
                            per_class="all", image_size=16)

@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from flows.cli import main
-from flows.settings import RunSettings
+from agelens.flows.cli.main import main
+from agelens.flows.pipeline.settings import RunSettings
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def agelens(*args: str, env: dict | None = None, cwd=None, timeout: int = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flows", *args], capture_output=True, text=True, timeout=timeout,
+    return subprocess.run([sys.executable, "-m", "agelens", *args], capture_output=True, text=True, timeout=timeout,
                           env=env, cwd=cwd)
 
 
@@ -110,13 +110,13 @@ def test_an_unreachable_server_is_one_line(tmp_path, small_cacd):
 
 
 def test_a_closed_pipe_is_not_an_error(tmp_path):
-    from flows import runs
+    from agelens.flows.pipeline import runs
     from tests.test_runs import row
 
     for i in range(1500):  # more than a pipe's buffer
         runs.append_run(tmp_path, row(f"run{i:05d}x", 20, 0.5, 32))
     for command in (f"runs --out {tmp_path}", f"status --out {tmp_path} --data {tmp_path / 'gone.csv'}"):
-        proc = subprocess.run(f"{sys.executable} -m flows {command} | head -1", shell=True, capture_output=True,
+        proc = subprocess.run(f"{sys.executable} -m agelens {command} | head -1", shell=True, capture_output=True,
                               text=True, timeout=120)
         assert "BrokenPipe" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
         assert len(proc.stdout.splitlines()) == 1
@@ -124,8 +124,8 @@ def test_a_closed_pipe_is_not_an_error(tmp_path):
 
 def test_readme_options_table_is_the_settings():
     """The README's options table is generated from RunSettings, so no default can drift."""
-    from flows.settings import options_table
+    from agelens.flows.pipeline.settings import options_table
 
     readme = (REPO / "README.md").read_text()
     assert options_table() in readme, ("the README's options table differs from the settings; regenerate it with "
-                                       "python -c 'from flows.settings import options_table; print(options_table())'")
+                                       "python -c 'from agelens.flows.pipeline.settings import options_table; print(options_table())'")

@@ -5,9 +5,9 @@ import pytest
 import torch
 from PIL import Image
 
-from tasks.data.arrays import batch_rows, batches
-from tasks.data.decoding import decode_into, decode_one
-from tasks.model.training import epoch_plan
+from agelens.tasks.data.arrays import batch_rows, batches
+from agelens.tasks.data.decoding import decode_into, decode_one
+from agelens.tasks.model.training import epoch_plan
 
 
 @pytest.fixture
@@ -77,8 +77,8 @@ def test_a_full_disk_is_one_clear_error(tmp_path, monkeypatch):
     import shutil
     from collections import namedtuple
 
-    import tasks.data.decoding as decoding
-    from tasks.core.errors import DataError
+    import agelens.tasks.data.decoding as decoding
+    from agelens.tasks.core.errors import DataError
 
     paths = []
     for i in range(40):

@@ -3,8 +3,8 @@ import hashlib
 import numpy as np
 import scipy.io
 
-from tasks.data.demo import DemoSpec, draw_face, plan_demo, write_demo
-from tasks.data.labels import decade_label
+from agelens.tasks.data.demo import DemoSpec, draw_face, plan_demo, write_demo
+from agelens.tasks.data.labels import decade_label
 from tests.conftest import REAL_META, SMALL
 
 IMAGE_FIELDS = [("age", "uint8"), ("identity", "uint16"), ("year", "uint16"), ("feature", "uint8"),

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from flows.settings import RunSettings
+from agelens.flows.pipeline.settings import RunSettings
 from tests.harness import REPO
 
 TINY = ["--until", "train", "--backbone", "convnext_narrow", "--image-size", "32", "--epochs", "2", "--weights", "none"]
@@ -93,7 +93,7 @@ def run_table(out: Path) -> list[dict]:
 
 
 def test_deploy_settles_everything_before_any_run(prefect_backend, server, dataset, tmp_path, monkeypatch, capsys):
-    from flows.cli import main
+    from agelens.flows.cli.main import main
 
     dataset["grow"](21)
     assert main(["deploy", "--data", str(tmp_path / "no.csv")]) == 1
@@ -228,7 +228,7 @@ def test_serve_beside_deployed_deployments(server, dataset, tmp_path_factory):
 
 
 def test_prefect_yaml_deploys_the_demo_pair():
-    from flows.deployments import served_deployments, specs
+    from agelens.flows.service.deployments import served_deployments, specs
 
     pipeline, watcher, predict = specs(None, None)
     assert (pipeline["name"], watcher["name"]) == ("demo", "demo")
@@ -238,7 +238,7 @@ def test_prefect_yaml_deploys_the_demo_pair():
     assert pipeline["triggers"][0]["parameters"] == {"settings": "{{ event.payload.settings }}"}
     raw = yaml.safe_load((REPO / "prefect.yaml").read_text())
     assert [d["entrypoint"] for d in raw["deployments"]] == [
-        "flows/age_pipeline.py:age_pipeline", "flows/watch.py:watch_data", "flows/predict_flow.py:predict_folder"]
+        "flows/pipeline/flow.py:age_pipeline", "flows/service/watch.py:watch_data", "flows/predict/flow.py:predict_folder"]
     assert predict["parameters"] == {"settings": {"preset": "demo"}, "folder": "data/demo/CACD2000", "detect": False}
     # On a user's data the folder to score is named per run, not the demo's.
     assert specs(RunSettings(data="/d"), "mine")[2]["parameters"] == {"settings": RunSettings(data="/d").dump()}

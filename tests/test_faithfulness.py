@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from tasks.attribution.faithfulness import area, curves, random_saliency, ranks
-from tasks.model.backbones import build_model
-from tasks.attribution.randomisation import CASCADE, cascade, cascade_steps, rank_correlation, reinitialise
+from agelens.tasks.attribution.faithfulness import area, curves, random_saliency, ranks
+from agelens.tasks.model.backbones import build_model
+from agelens.tasks.attribution.randomisation import CASCADE, cascade, cascade_steps, rank_correlation, reinitialise
 
 SIZE = 32
 

@@ -13,10 +13,10 @@ import pytest
 import scipy.io
 from PIL import Image
 
-from flows.age_pipeline import age_pipeline
-from flows.cli import main
-from flows.settings import RunSettings
-from tasks.core.errors import DataError
+from agelens.flows.pipeline.flow import age_pipeline
+from agelens.flows.cli.main import main
+from agelens.flows.pipeline.settings import RunSettings
+from agelens.tasks.core.errors import DataError
 
 
 def exit_code(argv: list[str]) -> int:
@@ -133,7 +133,7 @@ def test_bad_options_give_one_line_and_exit_2(argv, message, capsys):
 
 
 def test_list_options_take_commas_and_presets_yield_to_explicit_options():
-    from flows.cli import build_parser, settings_from
+    from agelens.flows.cli.main import build_parser, settings_from
 
     parser = build_parser()
     args = parser.parse_args(["run", "--cam-methods", "grad_cam, layer_cam", "--preset", "demo", "--epochs", "3",
@@ -184,7 +184,7 @@ def test_out_that_is_a_file_or_read_only_is_one_line(tmp_path, capsys):
 
 
 def test_expected_errors_print_no_traceback(server, small_cacd, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "flows", "run", "--data", str(small_cacd / "celebrity2000_meta.mat"),
+    proc = subprocess.run([sys.executable, "-m", "agelens", "run", "--data", str(small_cacd / "celebrity2000_meta.mat"),
                            "--out", str(tmp_path / "o"), "--weights", "none", "--backbone", "convnext_narrow",
                            "--image-size", "32", "--explain-classes", "70s"], capture_output=True, text=True, timeout=300,
                           env=server.env)
@@ -194,9 +194,9 @@ def test_expected_errors_print_no_traceback(server, small_cacd, tmp_path):
 
 
 def test_demo_data_is_made_once_in_the_project_and_never_over_a_users_folder(prefect_backend, tmp_path, monkeypatch):
-    from flows.demo import DEMO_FILE, DEMO_ROOT, demo_data
-    from flows.inputs import Inputs
-    from tasks.core.hashing import HashMemo
+    from agelens.flows.pipeline.demo import DEMO_FILE, DEMO_ROOT, demo_data
+    from agelens.flows.pipeline.inputs import Inputs
+    from agelens.tasks.core.hashing import HashMemo
     from tests.conftest import SMALL
 
     root = tmp_path / "demo"

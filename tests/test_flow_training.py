@@ -9,11 +9,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from flows.age_pipeline import age_pipeline
-from flows.runner import Runner, run_stage
-from flows.graph import BY_NAME, selected
-from flows.inputs import Inputs, open_memo
-from flows.settings import RunSettings
+from agelens.flows.pipeline.flow import age_pipeline
+from agelens.flows.pipeline.runner import Runner, run_stage
+from agelens.flows.pipeline.graph import BY_NAME, selected
+from agelens.flows.pipeline.inputs import Inputs, open_memo
+from agelens.flows.pipeline.settings import RunSettings
 from tests.conftest import TINY_TRAINING
 
 
@@ -214,7 +214,7 @@ def test_every_run_publishes_its_report_and_tables_even_when_cached(run):
 def test_independent_stages_run_on_a_dask_cluster(run, learnable_cacd):
     from distributed import Client, LocalCluster
 
-    from flows.age_pipeline import with_task_runner
+    from agelens.flows.pipeline.flow import with_task_runner
 
     run()  # the trained model, cached
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
@@ -242,7 +242,7 @@ def test_a_worse_retraining_keeps_the_champion_and_predict_uses_it(run, learnabl
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 
-    from flows.cli import main
+    from agelens.flows.cli.main import main
 
     good = run(until="compare")
     good_digest = _model_digest(run.out, good)
@@ -283,7 +283,7 @@ def test_a_worse_retraining_keeps_the_champion_and_predict_uses_it(run, learnabl
     np.testing.assert_allclose(mine, predictions.filter(like="prob_").to_numpy(), atol=2e-4)
     assert [r["decade"] for r in scored["faces"]] == list(predictions["predicted"])
     # The `predict` flow (the deployment's): the same rows, a table file and an artifact.
-    from flows.predict_flow import predict_folder
+    from agelens.flows.predict.flow import predict_folder
 
     folder = tmp_path / "photos"
     folder.mkdir()

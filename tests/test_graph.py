@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from flows.codeversion import ROOT, closure, forget
-from flows.graph import STAGES, components, content_digest, key_of, stage_code
-from flows.settings import RunSettings
+from agelens.flows.pipeline.codeversion import ROOT, closure, forget
+from agelens.flows.pipeline.graph import STAGES, components, content_digest, key_of, stage_code
+from agelens.flows.pipeline.settings import RunSettings
 
 UPSTREAM = {"outputs": {"model": {"file": "model.pt", "sha256": "m1"}, "timings": {"file": "timings.csv"}},
             "summary": {"seconds": 12.5}, "meta": {"classes": ["10s", "20s"]}, "key": "k1", "stage": "train"}
@@ -51,9 +51,12 @@ def test_inputs_are_keyed_by_content_only():
 
 
 def _copy_package(tmp_path: Path) -> Path:
+    """A copy of the `agelens` package at tmp_path/agelens (importable with tmp_path on PYTHONPATH)."""
+    root = tmp_path / "agelens"
     for package in ("tasks", "flows"):
-        shutil.copytree(ROOT / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__"))
-    return tmp_path
+        shutil.copytree(ROOT / package, root / package, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copyfile(ROOT / "__main__.py", root / "__main__.py")
+    return root
 
 
 @pytest.mark.parametrize("module, helper, dependents", [
@@ -92,25 +95,25 @@ def test_a_helper_edit_changes_exactly_the_stages_that_import_it(tmp_path, modul
 
 def test_no_stage_imports_another_stage_and_imports_go_one_way():
     """Stages import helpers, helpers import helpers, flows import tasks: never the other way round."""
-    from flows.codeversion import module_file
+    from agelens.flows.pipeline.codeversion import module_file
 
     stages = {s.module for s in STAGES}
     for stage in STAGES:
         assert not (set(closure(stage.module)) - {stage.module}) & stages, stage.name
-    helpers = [f"tasks.{p.relative_to(ROOT / 'tasks').with_suffix('').as_posix().replace('/', '.')}"
+    helpers = [f"agelens.tasks.{p.relative_to(ROOT / 'tasks').with_suffix('').as_posix().replace('/', '.')}"
                for p in (ROOT / "tasks").rglob("*.py") if p.parent != ROOT / "tasks" and p.name != "__init__.py"]
     assert len(helpers) > 20 and all(module_file(h, ROOT) for h in helpers)
     for helper in helpers:
         reached = set(closure(helper))
         assert not reached & stages, (helper, reached & stages)
-        assert not [m for m in reached if m.startswith("flows")], helper
+        assert not [m for m in reached if m.startswith("agelens.flows")], helper
     for stage in STAGES:
-        assert not [m for m in closure(stage.module) if m.startswith("flows")], stage.name
+        assert not [m for m in closure(stage.module) if m.startswith("agelens.flows")], stage.name
 
 
 TOY = '''"""Stage: the number of drawn images per split (a toy, to show what adding a stage takes)."""
 
-from tasks.core.stage import Job, Stage, Summary
+from agelens.tasks.core.stage import Job, Stage, Summary
 
 
 class ToySummary(Summary):
@@ -142,9 +145,9 @@ def report_section(view) -> list[str]:
 REPORT_OF_TOY = """
 import json, sys
 from pathlib import Path
-from flows.graph import BY_NAME
-from tasks.core.stage import Job
-from tasks.report import study_report
+from agelens.flows.pipeline.graph import BY_NAME
+from agelens.tasks.core.stage import Job
+from agelens.tasks.report import study_report
 out = Path(sys.argv[1])
 result = json.loads(sys.argv[2])
 assert "toy" in BY_NAME["report"].needs, BY_NAME["report"].needs
@@ -158,20 +161,20 @@ print(study_report(job))
 
 @pytest.mark.slow  # four CLI processes against a server
 def test_a_new_stage_is_one_module_and_one_line_of_the_graph(server, small_cacd, tmp_path):
-    """A toy stage added to a copy of the package: one new module, one line in flows/graph.py;
+    """A toy stage added to a copy of the package: one new module, one line in flows/pipeline/graph.py;
     it then runs, is cached, and shows in `agelens status`, the CLI summary and the report."""
     root = _copy_package(tmp_path / "copy")
     (root / "tasks" / "toy.py").write_text(TOY)
-    graph = root / "flows" / "graph.py"
+    graph = root / "flows" / "pipeline" / "graph.py"
     before = graph.read_text()
     graph.write_text(before.replace('    "split",\n', '    "split",\n    "toy",\n', 1))
     assert len(graph.read_text().splitlines()) == len(before.splitlines()) + 1
-    env = {**server.env, "PYTHONPATH": str(root)}
+    env = {**server.env, "PYTHONPATH": str(root.parent)}
     options = ["--data", str(small_cacd / "celebrity2000_meta.mat"), "--out", str(tmp_path / "o"), "--until", "toy",
                "--per-class", "10"]
 
     def agelens(*args):
-        proc = subprocess.run([sys.executable, "-m", "flows", *args], cwd=root, env=env, capture_output=True,
+        proc = subprocess.run([sys.executable, "-m", "agelens", *args], cwd=root.parent, env=env, capture_output=True,
                               text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         return proc.stdout
@@ -181,7 +184,7 @@ def test_a_new_stage_is_one_module_and_one_line_of_the_graph(server, small_cacd,
     assert re.search(r"^toy +cached$", agelens("status", *options), re.M)
     result = json.loads(agelens("run", *options, "--json").strip().splitlines()[-1])
     assert result["stages"]["toy"]["state"] == "Cached" and result["stages"]["toy"]["summary"]["images"] == 60
-    report = subprocess.run([sys.executable, "-c", REPORT_OF_TOY, str(tmp_path / "o"), json.dumps(result)], cwd=root,
+    report = subprocess.run([sys.executable, "-c", REPORT_OF_TOY, str(tmp_path / "o"), json.dumps(result)], cwd=root.parent,
                             env=env, capture_output=True, text=True, timeout=120)
     assert report.returncode == 0, report.stderr[-3000:]
     assert "## Toy\n\nThe toy counted 60 drawn images." in report.stdout

@@ -6,10 +6,10 @@ import pytest
 import torch
 from sklearn.metrics import f1_score
 
-from tasks.core.errors import DataError
-from tasks.model.calibration import ece, fit_temperature, nll
-from tasks.model.heads import AGES, Head, head_for
-from tasks.model.metrics import split_metrics
+from agelens.tasks.core.errors import DataError
+from agelens.tasks.model.calibration import ece, fit_temperature, nll
+from agelens.tasks.model.heads import AGES, Head, head_for
+from agelens.tasks.model.metrics import split_metrics
 
 DECADES = ("10s", "20s", "30s", "40s", "50s", "60s")
 

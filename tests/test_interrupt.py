@@ -1,5 +1,5 @@
 """Ctrl-C, SIGTERM and kill -9 against a run, and the local Prefect server that runs without a
-configured server share (flows/interrupt.py, flows/localserver.py)."""
+configured server share (flows/service/interrupt.py, flows/service/localserver.py)."""
 
 import json
 import os
@@ -20,7 +20,7 @@ TRAIN = ["--until", "train", "--backbone", "convnext_narrow", "--image-size", "3
 
 def start(args: list[str], env: dict) -> subprocess.Popen:
     """`agelens ...` in a process group of its own, as a terminal runs a command."""
-    return subprocess.Popen([sys.executable, "-m", "flows", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+    return subprocess.Popen([sys.executable, "-m", "agelens", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 

@@ -1,6 +1,6 @@
 """User strings (file names, labels) are text wherever they are rendered."""
 
-from tasks.reporting.markdown import escape, table
+from agelens.tasks.reporting.markdown import escape, table
 
 HOSTILE = "<img src=x onerror=alert(2)>|x"
 

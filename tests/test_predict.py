@@ -10,11 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from flows.predict import Scorer, score, write
-from tasks.core.errors import AgelensError, DataError
-from tasks.model.backbones import build_model
-from tasks.model.heads import Head
-from tasks.model.inference import Runtime, prepare
+from agelens.flows.predict.scoring import Scorer, score, write
+from agelens.tasks.core.errors import AgelensError, DataError
+from agelens.tasks.model.backbones import build_model
+from agelens.tasks.model.heads import Head
+from agelens.tasks.model.inference import Runtime, prepare
 
 CLASSES = tuple(f"{d}0s" for d in range(1, 7))
 FAIRFACE = Path(__file__).resolve().parents[2] / "shared" / "data" / "fairface"
@@ -68,7 +68,7 @@ def test_temperature_and_the_ages_head_reach_every_output(tmp_path):
 
 
 def test_tables_are_written_as_asked_and_the_cli_says_what_is_missing(tmp_path, capsys):
-    from flows.cli import main
+    from agelens.flows.cli.main import main
 
     rows, _ = score([str(face(tmp_path / "a.png"))], scorer(), detect=False, progress=False)
     write(rows, tmp_path / "t.csv")

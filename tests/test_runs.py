@@ -4,11 +4,11 @@ import json
 
 import pytest
 
-from flows import publish, runs
-from flows.cli import main
-from flows.preflight import writable_out
-from flows.settings import RunSettings
-from tasks.core.errors import ConfigError
+from agelens.flows.pipeline import publish, runs
+from agelens.flows.cli.main import main
+from agelens.flows.service.preflight import writable_out
+from agelens.flows.pipeline.settings import RunSettings
+from agelens.tasks.core.errors import ConfigError
 
 
 def row(run_id, per_class, accuracy, train_images, fingerprint="f1", **settings):

@@ -4,9 +4,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tasks.core.errors import DataError
-from tasks.data.validation import validate
-from tasks.data.sources import detect_format, list_images, read_source
+from agelens.tasks.core.errors import DataError
+from agelens.tasks.data.validation import validate
+from agelens.tasks.data.sources import detect_format, list_images, read_source
 from tests.conftest import write_mat_v73
 
 
@@ -129,8 +129,8 @@ def _faces(root: Path, names: list[str]) -> None:
 
 
 def test_file_names_that_are_not_utf8_are_skipped_and_counted(prefect_backend, tmp_path):
-    from flows.age_pipeline import age_pipeline
-    from flows.settings import RunSettings
+    from agelens.flows.pipeline.flow import age_pipeline
+    from agelens.flows.pipeline.settings import RunSettings
 
     for label in ("10s", "20s"):
         _faces(tmp_path / "folders" / label, ["a.png", "b.png"])
@@ -185,7 +185,7 @@ def test_special_files_are_never_read(tmp_path):
     os.mkfifo(tmp_path / "meta.csv")
     with pytest.raises(DataError, match="is not a regular file"):
         detect_format(tmp_path / "meta.csv")
-    from tasks.core.hashing import HashMemo
+    from agelens.tasks.core.hashing import HashMemo
 
     with HashMemo(None) as memo, pytest.raises(OSError, match="not a regular file"):
         memo.file(tmp_path / "faces" / "pipe.png")

@@ -2,9 +2,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tasks.data.validation import validate
-from tasks.data.sources import Listing
-from tasks.data.splitting import make_manifest
+from agelens.tasks.data.validation import validate
+from agelens.tasks.data.sources import Listing
+from agelens.tasks.data.splitting import make_manifest
 
 CLASSES = ["10s", "20s", "30s", "40s", "50s", "60s"]
 

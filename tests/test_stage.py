@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from tasks.core.hashing import HashMemo
-from tasks.core.stage import Job, read_result
-from tasks.train import TrainSummary
+from agelens.tasks.core.hashing import HashMemo
+from agelens.tasks.core.stage import Job, read_result
+from agelens.tasks.train import TrainSummary
 
 SUMMARY = TrainSummary(best_epoch=1, best_val_loss=0.5, best_val_acc=0.8, epochs=1, resumed_from_epoch=0,
                        train_images=10, val_images=4, device="cpu", bf16=False, training_seconds=1.0,
@@ -37,7 +37,7 @@ def test_stage_folder_appears_complete_or_not_at_all(tmp_path):
 
 
 def test_file_hashes_are_remembered_by_size_and_mtime(tmp_path, monkeypatch):
-    import tasks.core.hashing as hashing
+    import agelens.tasks.core.hashing as hashing
 
     data = tmp_path / "big.bin"
     data.write_bytes(b"x" * 1000)

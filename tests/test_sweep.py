@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-from flows.settings import RunSettings
-from flows.sweep import expand, read_settings_file, varied
-from tasks.core.errors import ConfigError
+from agelens.flows.pipeline.settings import RunSettings
+from agelens.flows.sweep.grid import expand, read_settings_file, varied
+from agelens.tasks.core.errors import ConfigError
 
 TINY = {"backbone": "convnext_narrow", "image_size": "32", "weights": "none", "per_class": "20", "until": "compare"}
 
@@ -50,7 +50,7 @@ def test_a_settings_file_of_json_or_yaml(tmp_path):
 
 
 def sweep(capsys, *options) -> dict:
-    from flows.cli import main
+    from agelens.flows.cli.main import main
 
     code = main(["sweep", *options, "--json"])
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -63,7 +63,7 @@ def test_four_settings_share_their_upstream_and_a_rerun_is_cached(prefect_backen
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
-    from flows.runs import read_runs
+    from agelens.flows.pipeline.runs import read_runs
 
     data = ["--data", str(small_cacd / "celebrity2000_meta.mat"), "--out", str(tmp_path / "out")]
     options = [*data, *(f"--{k.replace('_', '-')}={v}" for k, v in TINY.items())]

@@ -7,13 +7,13 @@ import pytest
 import torch
 from sklearn.metrics import classification_report, confusion_matrix
 
-from tasks.core.errors import DataError
-from tasks.model.metrics import classification_metrics
-from tasks.model.inference import Runtime
-from tasks.model.backbones import build_model, last_linear_name, minimum_image_size
-from tasks.model.heads import Head
-from tasks.model.recipes import RECIPES
-from tasks.model.training import augment, fit
+from agelens.tasks.core.errors import DataError
+from agelens.tasks.model.metrics import classification_metrics
+from agelens.tasks.model.inference import Runtime
+from agelens.tasks.model.backbones import build_model, last_linear_name, minimum_image_size
+from agelens.tasks.model.heads import Head
+from agelens.tasks.model.recipes import RECIPES
+from agelens.tasks.model.training import augment, fit
 
 SETTINGS = {"epochs": 3, "batch_size": 16, "lr": 1e-3, "seed": 4, "max_steps": None, "eval_batch_size": 64}
 
@@ -60,8 +60,8 @@ def test_weights_that_do_not_fit_name_the_keys(tmp_path):
 
 
 def test_offline_imagenet_stops_before_any_work(prefect_backend, small_cacd, tmp_path, monkeypatch):
-    from flows.age_pipeline import age_pipeline
-    from flows.settings import RunSettings
+    from agelens.flows.pipeline.flow import age_pipeline
+    from agelens.flows.pipeline.settings import RunSettings
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
 
@@ -101,7 +101,7 @@ def _toy_data(seed=0, n=96, size=32):  # ConvNeXt needs at least 32 px
 
 
 def test_killed_training_resumes_to_the_same_weights(tmp_path, monkeypatch):
-    import tasks.model.training as train
+    import agelens.tasks.model.training as train
 
     images, labels = _toy_data()
     rows = np.arange(len(labels))

@@ -1,10 +1,10 @@
 import pandas as pd
 import pytest
 
-from tasks.core.errors import DataError
-from tasks.data.validation import validate
-from tasks.data.labels import decade_label, label_order
-from tasks.data.sources import Listing
+from agelens.tasks.core.errors import DataError
+from agelens.tasks.data.validation import validate
+from agelens.tasks.data.labels import decade_label, label_order
+from agelens.tasks.data.sources import Listing
 
 
 def table(rows):

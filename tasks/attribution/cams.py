@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tasks.attribution.layers import as_nchw, capture, layout, resolve_layer
-from tasks.core.errors import DataError
-from tasks.data.arrays import batch_rows, batches
-from tasks.model.inference import model_input
+from agelens.tasks.attribution.layers import as_nchw, capture, layout, resolve_layer
+from agelens.tasks.core.errors import DataError
+from agelens.tasks.data.arrays import batch_rows, batches
+from agelens.tasks.model.inference import model_input
 
 # Activations whose output is positive exactly where their input is positive.
 GATED = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.LeakyReLU, nn.ELU, nn.Hardswish)

@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from tasks.attribution.cams import cam_maps, guided_backprop, guided_grad_cam
-from tasks.attribution.faithfulness import RANDOM, area, curves, random_saliency
-from tasks.attribution.randomisation import cascade, rank_correlation, saliency
+from agelens.tasks.attribution.cams import cam_maps, guided_backprop, guided_grad_cam
+from agelens.tasks.attribution.faithfulness import RANDOM, area, curves, random_saliency
+from agelens.tasks.attribution.randomisation import cascade, rank_correlation, saliency
 
 FAITHFULNESS_BATCH = 16  # ConvNeXt-Tiny in bf16 on a CPU: 55 images/s at 16, 40 at 64
 

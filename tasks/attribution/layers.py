@@ -13,7 +13,7 @@ from torch import nn
 from torchvision.models import ConvNeXt, EfficientNet, ResNet, SwinTransformer, VisionTransformer
 from torchvision.ops.misc import Permute
 
-from tasks.core.errors import DataError
+from agelens.tasks.core.errors import DataError
 
 # family: (CAM layers, deepest first, feature-map layers). The deepest CAM layer is the
 # family's last stage (the reference's); the others are the stages before it, at twice the

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tasks.attribution.layers import family, resolve_layer
+from agelens.tasks.attribution.layers import family, resolve_layer
 
 # Top-down groups of layers re-initialised together: the head, then each stage with the
 # downsampling that enters it.

@@ -8,9 +8,9 @@ A stage is one module `tasks/<name>.py` holding
   * presentation, optional: `describe(summary)` (one line in the CLI), `report_section(view)`
     (markdown parts of the study report) and `tables(view)` (Prefect table artifacts). These
     never change what a stage computes, so they are left out of its code version: editing them
-    reruns the report, never the stage (flows/codeversion.py).
+    reruns the report, never the stage (flows/pipeline/codeversion.py).
 
-A stage's folder is `<out>/<stage>/<key>/`, where the key (computed by `flows/graph.py`) hashes
+A stage's folder is `<out>/<stage>/<key>/`, where the key (computed by `flows/pipeline/graph.py`) hashes
 the stage's code, the settings it reads and the *content* of its inputs. The folder is built
 under a temporary name and renamed when complete, so it exists whole or not at all. It holds the
 outputs, `parameters.json` (what the key was made from) and `result.json`, the small handle
@@ -34,7 +34,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
-from tasks.core.hashing import sha256_file, sha256_json
+from agelens.tasks.core.hashing import sha256_file, sha256_json
 
 RESULT = "result.json"
 PARAMETERS = "parameters.json"
@@ -54,7 +54,7 @@ class Stage:
     """A stage's declaration. `needs`: the stages whose results it reads (EARLIER: every stage
     before it in the graph); `reads`: settings that change its results (part of its key);
     `uses`: settings it reads that do not (device, inference batch size); `inputs`: external
-    data it reads, keyed by content (`flows/inputs.py`); `outputs`: the names it writes."""
+    data it reads, keyed by content (`flows/pipeline/inputs.py`); `outputs`: the names it writes."""
 
     name: str
     summary: type[Summary]
@@ -67,7 +67,7 @@ class Stage:
 
     @property
     def module(self) -> str:
-        return f"tasks.{self.name}"
+        return f"agelens.tasks.{self.name}"
 
     @property
     def reads_model(self) -> bool:
@@ -86,7 +86,7 @@ class Stage:
 @functools.cache
 def spec(name: str) -> Stage:
     """The declaration of stage `name` (its module's STAGE)."""
-    return importlib.import_module(f"tasks.{name}").STAGE
+    return importlib.import_module(f"agelens.tasks.{name}").STAGE
 
 
 @dataclass(frozen=True)

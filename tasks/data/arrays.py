@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from tasks.core.stage import Job
+from agelens.tasks.core.stage import Job
 
 
 def open_decoded(job: Job) -> tuple[pd.DataFrame, np.memmap]:

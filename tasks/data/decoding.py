@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from tasks.core.errors import DataError
+from agelens.tasks.core.errors import DataError
 
 GROUP = 16  # images per unit of work: small enough to keep every thread busy
 # Written rows are handed to the disk every so often rather than left to pile up in the page

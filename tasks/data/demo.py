@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from tasks.core.errors import DataError
-from tasks.core.stage import write_json
+from agelens.tasks.core.errors import DataError
+from agelens.tasks.core.stage import write_json
 
 IMAGE_SIZE = 250
 YEARS = tuple(range(2004, 2014))

@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
-from tasks.core.errors import DataError
+from agelens.tasks.core.errors import DataError
 
 if TYPE_CHECKING:
     import numpy as np

@@ -7,9 +7,9 @@ import re
 import numpy as np
 import pandas as pd
 
-from tasks.core.errors import DataError
-from tasks.data.labels import decade_label, label_order
-from tasks.data.sources import CACD_FILE, Listing
+from agelens.tasks.core.errors import DataError
+from agelens.tasks.data.labels import decade_label, label_order
+from agelens.tasks.data.sources import CACD_FILE, Listing
 
 MAX_AGE = 120
 UNSAFE = re.compile(r"(?:^|[/\\])\.\.(?:[/\\]|$)")

@@ -9,7 +9,7 @@ import torch
 import torchvision
 from torch import nn
 
-from tasks.core.errors import DataError
+from agelens.tasks.core.errors import DataError
 
 PRETRAINED = "IMAGENET1K_V1"  # the reference's weights
 

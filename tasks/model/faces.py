@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from tasks.core.errors import DataError
-from tasks.data.decoding import _as_rgb
-from tasks.data.sources import IMAGE_SUFFIXES
+from agelens.tasks.core.errors import DataError
+from agelens.tasks.data.decoding import _as_rgb
+from agelens.tasks.data.sources import IMAGE_SUFFIXES
 
 YUNET_FILE = "face_detection_yunet_2023mar.onnx"
 YUNET_SHA256 = "8f2383e4dd3cfbb4553ea8718107fc0423210dc964f9f4280604804ed2552fa4"

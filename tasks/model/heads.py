@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tasks.data.labels import decade_values
+from agelens.tasks.data.labels import decade_values
 
 AGES = np.arange(0, 101, dtype=np.float32)  # the ages head's outputs, in years
 SIGMA = 2.0  # years: the soft label's spread (DLDL-v2's choice)
@@ -42,7 +42,7 @@ class Head:
     def year_to_class(self) -> np.ndarray:
         """For the ages head: the class index of each year: its decade, or the nearest one for years
         outside the data's decades."""
-        from tasks.data.labels import decade_label
+        from agelens.tasks.data.labels import decade_label
 
         index = {c: i for i, c in enumerate(self.classes)}
         middles = self.midpoints
@@ -90,7 +90,7 @@ class Head:
 
 def head_for(kind: str, classes: list[str], has_ages: bool) -> Head:
     """The head a run trains: `auto` means ages where the data has ages and the classes are decades."""
-    from tasks.core.errors import DataError
+    from agelens.tasks.core.errors import DataError
 
     decades = decade_values(list(classes)) is not None
     if kind == "auto":

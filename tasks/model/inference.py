@@ -9,10 +9,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from tasks.data.arrays import batch_rows, batches
-from tasks.core.errors import DataError
-from tasks.model.backbones import build_model, last_linear_name
-from tasks.core.stage import Job
+from agelens.tasks.data.arrays import batch_rows, batches
+from agelens.tasks.core.errors import DataError
+from agelens.tasks.model.backbones import build_model, last_linear_name
+from agelens.tasks.core.stage import Job
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -101,7 +101,7 @@ def runtime_for(job: Job) -> Runtime:
 
 def head_of(facts: dict):
     """The trained model's head (from the facts the train stage recorded)."""
-    from tasks.model.heads import Head
+    from agelens.tasks.model.heads import Head
 
     return Head(facts["head"], tuple(facts["classes"]))
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
-from tasks.data.labels import decade_values
+from agelens.tasks.data.labels import decade_values
 
 
 def classification_metrics(actual: np.ndarray, predicted: np.ndarray, classes: list[str]) -> dict:

@@ -20,11 +20,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from tasks.core.errors import DataError
-from tasks.data.arrays import batch_rows, batches
-from tasks.model.heads import Head
-from tasks.model.inference import Runtime, normalise, predict_logits, prepare, to_float
-from tasks.model.recipes import Recipe
+from agelens.tasks.core.errors import DataError
+from agelens.tasks.data.arrays import batch_rows, batches
+from agelens.tasks.model.heads import Head
+from agelens.tasks.model.inference import Runtime, normalise, predict_logits, prepare, to_float
+from agelens.tasks.model.recipes import Recipe
 
 BRIGHTNESS = CONTRAST = 0.2  # the reference's ColorJitter(0.2, 0.2)
 SATURATION = 0.2  # the strong policy's, in addition

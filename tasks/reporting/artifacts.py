@@ -16,8 +16,8 @@ import asyncio
 import html
 import re
 
-from tasks.reporting.markdown import escape
-from tasks.reporting.tables import Table
+from agelens.tasks.reporting.markdown import escape
+from agelens.tasks.reporting.tables import Table
 
 REPORT = "run-report"
 RUNS = "runs"

@@ -6,7 +6,7 @@ import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 
-from tasks.reporting.plots.base import TEXT, class_ticks
+from agelens.tasks.reporting.plots.base import TEXT, class_ticks
 
 
 def confusion_heatmap(normalised: np.ndarray, classes: list[str], title: str) -> Figure:

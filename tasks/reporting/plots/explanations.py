@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from matplotlib.figure import Figure
 
-from tasks.reporting.plots.base import TEXT
+from agelens.tasks.reporting.plots.base import TEXT
 
 
 def curve_panels(panels: dict[str, dict[str, np.ndarray]], xlabel: str, ylabel: str, title: str,

@@ -12,7 +12,7 @@ import matplotlib
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from tasks.reporting.plots.base import as_visible, overlay
+from agelens.tasks.reporting.plots.base import as_visible, overlay
 
 TILE = 112  # pixels per channel tile, at least (small maps are enlarged without smoothing)
 GAP = 6

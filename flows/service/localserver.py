@@ -24,7 +24,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from tasks.core.errors import AgelensError
+from agelens.tasks.core.errors import AgelensError
 
 LINGER_SECONDS = 60.0
 STARTUP_SECONDS = 120.0  # a loaded 2-core machine migrating the database can take a while
@@ -87,7 +87,7 @@ def _start(state: Path) -> dict:
     port = _free_port()
     (state / "server.json").unlink(missing_ok=True)
     log = open(state / "server.log", "ab")
-    supervisor = subprocess.Popen([sys.executable, "-m", "flows.localserver", str(state), str(port)],
+    supervisor = subprocess.Popen([sys.executable, "-m", "agelens.flows.service.localserver", str(state), str(port)],
                                   stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
                                   cwd=str(Path(__file__).resolve().parents[1]))
     log.close()

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import yaml
 
-from flows.settings import RunSettings
-from tasks.core.errors import ConfigError
+from agelens.flows.pipeline.settings import RunSettings
+from agelens.tasks.core.errors import ConfigError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]  # the checkout, or the installed package (prefect.yaml is in both)
 PREFECT_YAML = REPO / "prefect.yaml"
-PIPELINE_ENTRYPOINT = "flows/age_pipeline.py:age_pipeline"
-WATCH_ENTRYPOINT = "flows/watch.py:watch_data"
+PIPELINE_ENTRYPOINT = "flows/pipeline/flow.py:age_pipeline"
+WATCH_ENTRYPOINT = "flows/service/watch.py:watch_data"
 PIPELINE_FLOW = "age-pipeline"
 
 
@@ -62,7 +62,7 @@ def load_flow(entrypoint: str):
     import importlib
 
     path, name = entrypoint.split(":")
-    return getattr(importlib.import_module(path.removesuffix(".py").replace("/", ".")), name)
+    return getattr(importlib.import_module("agelens." + path.removesuffix(".py").replace("/", ".")), name)
 
 
 def served_deployments(settings: RunSettings | None = None, name: str = "served") -> list:
@@ -75,8 +75,8 @@ def served_deployments(settings: RunSettings | None = None, name: str = "served"
 def settle(settings: RunSettings) -> RunSettings:
     """Settings for a deployment: paths absolute (a worker runs elsewhere), the data readable
     and the weights on disk now, rather than an error at 03:00."""
-    from flows.inputs import Inputs
-    from tasks.core.hashing import HashMemo
+    from agelens.flows.pipeline.inputs import Inputs
+    from agelens.tasks.core.hashing import HashMemo
 
     def absolute(path: str | None) -> str | None:
         return str(Path(path).expanduser().resolve()) if path else path

@@ -1,6 +1,6 @@
 """The `predict` flow: batch scoring of a folder with the champion of a configuration, as a Prefect
 run whose results table is an artifact (`agelens predict` does the same from the command line
-without Prefect; flows/predict.py)."""
+without Prefect; flows/predict/scoring.py)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
-from flows.models import config_id
-from flows.predict import load_scorer, score, write
-from flows.settings import RunSettings
-from tasks.reporting.artifacts import publish_run
-from tasks.reporting.tables import Table
+from agelens.flows.registry.models import config_id
+from agelens.flows.predict.scoring import load_scorer, score, write
+from agelens.flows.pipeline.settings import RunSettings
+from agelens.tasks.reporting.artifacts import publish_run
+from agelens.tasks.reporting.tables import Table
 
 
 @flow(name="predict")

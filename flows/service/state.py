@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tasks.core.hashing import sha256_json
+from agelens.tasks.core.hashing import sha256_json
 
 
 def settings_digest(settings) -> str:

@@ -1,5 +1,6 @@
-"""The built-in demo data set: drawn faces in CACD's format, generated into `data/demo` of the
-project on first use and regenerated only when its spec or code changes."""
+"""The built-in demo data set: drawn faces in CACD's format, generated on first use into `data/demo`
+of a checkout (or, for an installed package, the user's cache) and regenerated only when its spec
+or code changes."""
 
 from __future__ import annotations
 
@@ -7,9 +8,16 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from flows.codeversion import ROOT, code_version
+from agelens.flows.pipeline.codeversion import ROOT, code_version
+from agelens.tasks.core.places import cache_dir
 
-DEMO_ROOT = ROOT / "data" / "demo"
+
+def demo_root() -> Path:
+    """`data/demo` in a checkout; an installed package is no place to write, so the user's cache."""
+    return ROOT / "data" / "demo" if (ROOT / "pyproject.toml").is_file() else cache_dir() / "demo"
+
+
+DEMO_ROOT = demo_root()
 DEMO_STAMP = ".agelens-demo.json"
 DEMO_FILE = "celebrity2000_meta.mat"
 
@@ -24,7 +32,7 @@ def demo_is_current(root: Path, stamp: dict) -> bool:
 
 
 def demo_stamp(spec=None) -> dict:
-    from tasks.data.demo import DemoSpec
+    from agelens.tasks.data.demo import DemoSpec
 
     return {"spec": asdict(spec or DemoSpec()), "code": code_version("tasks.data.demo")}
 
@@ -34,7 +42,7 @@ def demo_data(root: Path = DEMO_ROOT, spec=None) -> str:
     default DemoSpec unless given, for tests)."""
     from prefect import get_run_logger, task
 
-    from tasks.data.demo import DemoSpec, make_demo
+    from agelens.tasks.data.demo import DemoSpec, make_demo
 
     stamp = demo_stamp(spec)
     if not demo_is_current(root, stamp):

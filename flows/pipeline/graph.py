@@ -6,7 +6,7 @@ The flow walks the graph, `--until` slices it, `agelens status` computes its key
 running anything, and the CLI summary, preflight, the report and the run table read the
 declarations. A stage's key hashes
   * its code: its module and every project module that imports, transitively
-    (flows/codeversion.py);
+    (flows/pipeline/codeversion.py);
   * the settings it `reads` (by name; `uses` are settings that do not change its results);
   * the content digests of the stages it `needs`, and of its external `inputs` (data files).
 Never paths, timings, devices or the run id.
@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from flows.codeversion import ROOT, code_version
-from tasks.core.hashing import sha256_json
-from tasks.core.stage import EARLIER, Stage, spec
+from agelens.flows.pipeline.codeversion import ROOT, code_version
+from agelens.tasks.core.hashing import sha256_json
+from agelens.tasks.core.stage import EARLIER, Stage, spec
 
 STAGE_MODULES = (
     "extract",
@@ -97,7 +97,7 @@ def content_digest(result: dict) -> str:
 
 def stage_code(stage: Stage, root=ROOT) -> dict[str, str]:
     """A stage's code version; a stage that presents others counts their presentation too."""
-    presents = tuple(f"tasks.{name}" for name in stage.needs) if stage.presents else ()
+    presents = tuple(f"agelens.tasks.{name}" for name in stage.needs) if stage.presents else ()
     return code_version(stage.module, root, presents)
 
 

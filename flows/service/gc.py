@@ -13,10 +13,10 @@ import re
 import shutil
 from pathlib import Path
 
-from flows.graph import STAGE_NAMES
-from flows.locks import Busy, active_lock, locked
-from flows.runs import read_runs
-from tasks.core.errors import AgelensError
+from agelens.flows.pipeline.graph import STAGE_NAMES
+from agelens.flows.service.locks import Busy, active_lock, locked
+from agelens.flows.pipeline.runs import read_runs
+from agelens.tasks.core.errors import AgelensError
 
 PREFECT_RECORD = re.compile(r"^[0-9a-f]{32}$")
 

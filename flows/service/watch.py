@@ -23,12 +23,12 @@ from datetime import datetime, timezone
 from prefect import flow, get_run_logger
 from prefect.events import emit_event
 
-from flows import preflight, state
-from flows.graph import selected
-from flows.inputs import Inputs, open_memo
-from flows.locks import active_lock, locked
-from flows.runner import Runner
-from flows.settings import RunSettings
+from agelens.flows.service import preflight, state
+from agelens.flows.pipeline.graph import selected
+from agelens.flows.pipeline.inputs import Inputs, open_memo
+from agelens.flows.service.locks import active_lock, locked
+from agelens.flows.pipeline.runner import Runner
+from agelens.flows.pipeline.settings import RunSettings
 
 EVENT = "agelens.data.changed"
 ACTIVE = ("SCHEDULED", "PENDING", "RUNNING", "PAUSED", "CANCELLING")
@@ -74,7 +74,7 @@ def failure_of(run) -> str:
 
 
 def failing_report(asked: dict, pipeline: str) -> str:
-    from tasks.reporting.markdown import escape
+    from agelens.tasks.reporting.markdown import escape
 
     return "\n\n".join([
         "# Retraining failing",
@@ -94,7 +94,7 @@ def watch_data(settings: RunSettings = RunSettings(), pipeline: str = "age-pipel
     before the watcher stops asking."""
     from prefect.runtime import deployment
 
-    from tasks.reporting.artifacts import RETRAINING, publish_markdown
+    from agelens.tasks.reporting.artifacts import RETRAINING, publish_markdown
 
     log = get_run_logger()
     out = preflight.writable_out(settings.out)

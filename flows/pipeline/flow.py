@@ -1,8 +1,8 @@
-"""The agelens pipeline: one Prefect flow walking the stage graph (flows/graph.py, flows/runner.py).
+"""The agelens pipeline: one Prefect flow walking the stage graph (flows/pipeline/graph.py, flows/pipeline/runner.py).
 
-Before any work it checks what can be checked (flows/preflight.py); at the end, every run,
+Before any work it checks what can be checked (flows/service/preflight.py); at the end, every run,
 cached or not, appends its row to the run table, publishes its report and tables, and records
-the data fingerprint it trained on (flows/publish.py).
+the data fingerprint it trained on (flows/pipeline/publish.py).
 """
 
 from __future__ import annotations
@@ -12,16 +12,16 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 
-from flows import preflight
-from flows.graph import selected
-from flows.inputs import Inputs, open_memo
-from flows.locks import active_lock, locked
-from flows.logs import ONE_LINE, quiet_expected_errors
-from flows.publish import finish
-from flows.runner import Runner
-from flows.settings import RunSettings
-from tasks.core.errors import AgelensError
-from tasks.core.stage import output_path
+from agelens.flows.service import preflight
+from agelens.flows.pipeline.graph import selected
+from agelens.flows.pipeline.inputs import Inputs, open_memo
+from agelens.flows.service.locks import active_lock, locked
+from agelens.flows.service.logs import ONE_LINE, quiet_expected_errors
+from agelens.flows.pipeline.publish import finish
+from agelens.flows.pipeline.runner import Runner
+from agelens.flows.pipeline.settings import RunSettings
+from agelens.tasks.core.errors import AgelensError
+from agelens.tasks.core.stage import output_path
 
 
 @flow(name="age-pipeline", log_prints=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 
-from tasks.core.errors import is_expected
+from agelens.tasks.core.errors import is_expected
 
 
 ONE_LINE = "agelens: error: "  # how the flow logs an expected error, once

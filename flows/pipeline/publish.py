@@ -8,11 +8,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from flows import runs, state
-from flows.graph import BY_NAME, STAGES, context
-from tasks.core.hashing import sha256_json
-from tasks.core.stage import View, atomic_write_bytes, output_path
-from tasks.reporting.markdown import escape, image, table
+from agelens.flows.pipeline import runs
+
+from agelens.flows.service import state
+from agelens.flows.pipeline.graph import BY_NAME, STAGES, context
+from agelens.tasks.core.hashing import sha256_json
+from agelens.tasks.core.stage import View, atomic_write_bytes, output_path
+from agelens.tasks.reporting.markdown import escape, image, table
 
 REPORT_FILE = "report.md"  # the latest run's full report, at the top of --out
 # Settings that change what a model learns, apart from how many images it sees: runs that
@@ -66,7 +68,7 @@ def learning_curve(out: Path, points: list[dict]) -> Path:
     """The learning-curve plot of these points, drawn once per distinct set of points."""
     path = out / "runs" / f"learning-curve-{sha256_json(sorted(points, key=json.dumps))[:16]}.png"
     if not path.exists():
-        from tasks.reporting.plots import base, runs as run_plots
+        from agelens.tasks.reporting.plots import base, runs as run_plots
 
         tmp = path.with_name(f".{path.name}.partial.png")
         base.save(run_plots.learning_curve(points), tmp)
@@ -81,8 +83,8 @@ def views(out: Path, results: dict[str, dict]) -> list[View]:
 
 def run_tables(out: Path, results: dict[str, dict], rows: list[dict]) -> list:
     """Every table the stages of this run offer, and the run table."""
-    from tasks.reporting.artifacts import RUNS
-    from tasks.reporting.tables import Table
+    from agelens.tasks.reporting.artifacts import RUNS
+    from agelens.tasks.reporting.tables import Table
 
     found = []
     for view in views(out, results):
@@ -114,8 +116,8 @@ def finish(settings, out: Path, inputs, results: dict[str, dict], states: dict[s
     """Append this run to the run table, apply its champion decision, write and publish its report
     and tables, record the data fingerprint it trained on. Returns the run's row (with the report's
     path). A sweep's runs (`publish=False`) are recorded and judged, and publish one comparison."""
-    from flows import models
-    from tasks.reporting.artifacts import DECISION, publish_markdown, publish_run
+    from agelens.flows.registry import models
+    from agelens.tasks.reporting.artifacts import DECISION, publish_markdown, publish_run
 
     data = state.fingerprint(inputs, results, out) if "split" in results else None
     previous = runs.read_runs(out)

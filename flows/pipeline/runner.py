@@ -19,10 +19,10 @@ from pathlib import Path
 
 from prefect import task
 
-from flows.graph import components, context, key_of, levels
-from flows.inputs import Inputs
-from flows.locks import locked, stage_lock
-from tasks.core.stage import Job, damage, read_result
+from agelens.flows.pipeline.graph import components, context, key_of, levels
+from agelens.flows.pipeline.inputs import Inputs
+from agelens.flows.service.locks import locked, stage_lock
+from agelens.tasks.core.stage import Job, damage, read_result
 
 
 def record_key(context, parameters: dict) -> str:
@@ -37,7 +37,7 @@ def run_stage(job: dict) -> dict:
     done = read_result(work.out, work.stage, work.key)  # complete, but Prefect's record was lost
     if done is not None:
         return done
-    return importlib.import_module(f"tasks.{work.stage}").run(work)
+    return importlib.import_module(f"agelens.tasks.{work.stage}").run(work)
 
 
 def stage_task(name: str, out: Path):

@@ -5,7 +5,7 @@ Every expected error is one line on stderr, `agelens: error: ...` (and, with --j
 object on stdout), exit code 2 for a bad option and 1 otherwise; `--debug` shows the traceback.
 What can be checked is checked before a Prefect server is started or contacted. Prefect and
 torch are imported only by the commands that need them, so `agelens status` answers in about a
-second. Ctrl-C or SIGTERM stops a run within seconds (flows/interrupt.py).
+second. Ctrl-C or SIGTERM stops a run within seconds (flows/service/interrupt.py).
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import types
 import typing
 from contextlib import contextmanager
 
-from flows.settings import RunSettings, option, parse_settings
-from tasks.core.errors import AgelensError, ConfigError
+from agelens.flows.pipeline.settings import RunSettings, option, parse_settings
+from agelens.tasks.core.errors import AgelensError, ConfigError
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -180,7 +180,7 @@ def _has_request(error) -> bool:
 @contextmanager
 def prefect_api():
     """The Prefect API this command uses: the configured server (checked to answer), or the
-    shared local one (flows/localserver.py), for as long as the block runs."""
+    shared local one (flows/service/localserver.py), for as long as the block runs."""
     from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
 
     url = get_current_settings().api.url
@@ -188,7 +188,7 @@ def prefect_api():
         check_reachable(url)
         yield url
         return
-    from flows.localserver import shared_server
+    from agelens.flows.service.localserver import shared_server
 
     with shared_server() as local, temporary_settings(updates={PREFECT_API_URL: local}):
         yield local
@@ -207,10 +207,10 @@ def check_reachable(url: str) -> None:
 def precheck(settings: RunSettings) -> None:
     """What can be checked without Prefect: the output folder, the data, the model settings and
     the weights (the flow checks again: deployments reach it directly)."""
-    from flows import preflight
-    from flows.demo import DEMO_ROOT, demo_is_current, demo_stamp
-    from flows.graph import selected
-    from flows.inputs import Inputs, open_memo
+    from agelens.flows.service import preflight
+    from agelens.flows.pipeline.demo import DEMO_ROOT, demo_is_current, demo_stamp
+    from agelens.flows.pipeline.graph import selected
+    from agelens.flows.pipeline.inputs import Inputs, open_memo
 
     out = preflight.writable_out(settings.out)
     if settings.uses_demo and not demo_is_current(DEMO_ROOT, demo_stamp()):
@@ -225,7 +225,7 @@ def run_command(args) -> int:
     if args.dask_address and args.task_runner != "dask":
         raise ConfigError("--dask-address needs --task-runner dask")
     precheck(settings)
-    from flows.age_pipeline import with_task_runner
+    from agelens.flows.pipeline.flow import with_task_runner
 
     result = _run_flow(args, with_task_runner(args.task_runner, args.dask_address), settings.out,
                        lambda flow: flow(settings=settings))
@@ -234,7 +234,7 @@ def run_command(args) -> int:
 
 
 def sweep_command(args) -> int:
-    from flows.sweep import expand, read_settings_file
+    from agelens.flows.sweep.grid import expand, read_settings_file
 
     given = {name: getattr(args, name) for name in RunSettings.model_fields if getattr(args, name, None) is not None}
     settings = expand(given, read_settings_file(args.settings_file) if args.settings_file else None)
@@ -242,8 +242,8 @@ def sweep_command(args) -> int:
         raise ConfigError("--dask-address needs --task-runner dask")
     for each in settings:
         precheck(each)
-    from flows.sweep import describe as describe_sweep
-    from flows.sweep_flow import with_task_runner
+    from agelens.flows.sweep.grid import describe as describe_sweep
+    from agelens.flows.sweep.flow import with_task_runner
 
     result = _run_flow(args, with_task_runner(args.task_runner, args.dask_address), settings[0].out,
                        lambda flow: flow(settings=settings))
@@ -256,12 +256,12 @@ def _run_flow(args, flow, out: str, call) -> dict:
     SIGTERM marks the flow run Cancelled, stops worker processes and says how to resume."""
     from prefect.logging.configuration import setup_logging
 
-    from flows.interrupt import cancel_flow_run, resume_hint, run_interruptibly, stop_children
+    from agelens.flows.service.interrupt import cancel_flow_run, resume_hint, run_interruptibly, stop_children
 
     began = time.time()
     setup_logging()
     if not args.debug:
-        from flows.logs import quiet_expected_errors
+        from agelens.flows.service.logs import quiet_expected_errors
 
         quiet_expected_errors(cli=True)
     started: dict = {}
@@ -288,10 +288,10 @@ def _run_flow(args, flow, out: str, call) -> dict:
 def status_command(args) -> int:
     from pathlib import Path
 
-    from flows import status
-    from flows.inputs import Inputs, open_memo
-    from tasks.core.errors import DataError
-    from tasks.core.hashing import HashMemo
+    from agelens.flows.service import status
+    from agelens.flows.pipeline.inputs import Inputs, open_memo
+    from agelens.tasks.core.errors import DataError
+    from agelens.tasks.core.hashing import HashMemo
 
     settings = settings_from(args)
     out = Path(settings.out).expanduser().resolve()
@@ -311,7 +311,7 @@ def status_command(args) -> int:
 
 
 def gc_command(args) -> int:
-    from flows import gc
+    from agelens.flows.service import gc
 
     if args.keep_last < 0:
         raise ConfigError("--keep-last must be at least 0")
@@ -320,7 +320,7 @@ def gc_command(args) -> int:
 
 
 def runs_command(args) -> int:
-    from flows import runs
+    from agelens.flows.pipeline import runs
 
     rows = runs.read_runs(args.out)
     if args.json:
@@ -341,7 +341,7 @@ def _text(value) -> str:
 
 
 def models_command(args) -> int:
-    from flows import models
+    from agelens.flows.registry import models
 
     listing = []
     for config in models.configs(args.out):
@@ -368,7 +368,7 @@ def models_command(args) -> int:
 
 
 def promote_command(args) -> int:
-    from flows import models
+    from agelens.flows.registry import models
 
     record = models.promote_by_hand(args.out, args.run)
     print(f"run {record['run_id'][:8]} (model {record['model_digest'][:12]}) is now the champion of configuration "
@@ -377,7 +377,7 @@ def promote_command(args) -> int:
 
 
 def predict_command(args) -> int:
-    from flows.predict import main_predict
+    from agelens.flows.predict.scoring import main_predict
 
     if args.batch_size < 1:
         raise ConfigError("--batch-size must be at least 1")
@@ -393,7 +393,7 @@ def deploy_command(args) -> int:
         raise ConfigError("agelens deploy needs a running Prefect server: start one (prefect server start) and set "
                           "PREFECT_API_URL, e.g. http://127.0.0.1:4200/api")
     check_reachable(url)
-    from flows.deployments import deploy
+    from agelens.flows.service.deployments import deploy
 
     names = deploy(settings, args.name, args.pool)
     print("deployed " + ", ".join(names) + f" to work pool {args.pool} on {url}; start a worker with:\n"
@@ -403,7 +403,7 @@ def deploy_command(args) -> int:
 
 
 def serve_command(args) -> int:
-    from flows.deployments import serve_all
+    from agelens.flows.service.deployments import serve_all
 
     given = any(getattr(args, name) is not None for name in RunSettings.model_fields)
     settings = settings_from(args) if given else None
@@ -418,7 +418,7 @@ COMMANDS = {"run": run_command, "sweep": sweep_command, "status": status_command
 
 def describe(result: dict) -> str:
     """One line per stage: state and the few numbers a person looks at first."""
-    from flows.graph import BY_NAME
+    from agelens.flows.pipeline.graph import BY_NAME
 
     lines = [f"{name:<12} {stage['state']:<10} {BY_NAME[name].describe(stage['summary'])}".rstrip()
              for name, stage in result["stages"].items()]

@@ -7,10 +7,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from flows.graph import components, key_of, selected
-from flows.runs import read_runs
-from tasks.core.errors import AgelensError
-from tasks.core.stage import PARAMETERS, damage, read_result, stage_folder
+from agelens.flows.pipeline.graph import components, key_of, selected
+from agelens.flows.pipeline.runs import read_runs
+from agelens.tasks.core.errors import AgelensError
+from agelens.tasks.core.stage import PARAMETERS, damage, read_result, stage_folder
 
 
 def _previous_parts(out: str, stage: str) -> dict | None:

@@ -3,7 +3,7 @@
 The settings are a grid (options given with commas: `--lr 1e-4,3e-4 --epochs 12,24` is four
 settings) or a file of settings (`--settings-file FILE`, JSON or YAML: a list of option
 mappings, each over the command line's). Their runs walk the stage graph together
-(flows/runner.py `run_many`): a stage key they share (extract, split, decode) is computed once,
+(flows/pipeline/runner.py `run_many`): a stage key they share (extract, split, decode) is computed once,
 their trainings run concurrently on the task runner (threads, or a Dask cluster), and every stage
 is cached as in any run, so a rerun is free and an added value runs only its own stages. Each
 run is recorded in the run table and judged against its configuration's champion; one table and
@@ -18,8 +18,8 @@ import typing
 import uuid
 from pathlib import Path
 
-from flows.settings import RunSettings, option, parse_settings
-from tasks.core.errors import ConfigError
+from agelens.flows.pipeline.settings import RunSettings, option, parse_settings
+from agelens.tasks.core.errors import ConfigError
 
 MAX_SETTINGS = 64
 LIST_FIELDS = {name for name, f in RunSettings.model_fields.items() if typing.get_origin(f.annotation) is list}
@@ -100,7 +100,7 @@ def label(settings: RunSettings, names: list[str]) -> str:
 def comparison(settings: list[RunSettings], runners, rows: list[dict | None]) -> tuple[list[dict], int | None]:
     """One row per setting (what varied, its headline metrics with intervals, whether it trained)
     and the index of the best (highest headline accuracy)."""
-    from flows.runs import headline
+    from agelens.flows.pipeline.runs import headline
 
     names = varied(settings)
     table, best = [], None
@@ -122,16 +122,16 @@ def comparison(settings: list[RunSettings], runners, rows: list[dict | None]) ->
 
 
 def sweep_flow_fn(settings: list[RunSettings]) -> dict:
-    """The body of the `agelens-sweep` flow (flows/sweep_flow.py)."""
+    """The body of the `agelens-sweep` flow (flows/sweep/flow.py)."""
     from prefect import get_run_logger
     from prefect.runtime import deployment, flow_run
 
-    from flows import preflight
-    from flows.graph import selected
-    from flows.inputs import Inputs, open_memo
-    from flows.locks import active_lock, locked
-    from flows.publish import finish
-    from flows.runner import Runner, run_many
+    from agelens.flows.service import preflight
+    from agelens.flows.pipeline.graph import selected
+    from agelens.flows.pipeline.inputs import Inputs, open_memo
+    from agelens.flows.service.locks import active_lock, locked
+    from agelens.flows.pipeline.publish import finish
+    from agelens.flows.pipeline.runner import Runner, run_many
 
     log = get_run_logger()
     flow_run_id = uuid.UUID(str(flow_run.get_id() or uuid.uuid4()))
@@ -170,12 +170,12 @@ def sweep_flow_fn(settings: list[RunSettings]) -> dict:
 def publish_comparison(out: Path, settings: list[RunSettings], table: list[dict], best: int | None,
                        scope: str | None) -> None:
     """The comparison as a table artifact and a markdown artifact with the plot."""
-    from tasks.core.hashing import sha256_json
-    from tasks.core.stage import atomic_write_bytes
-    from tasks.reporting.artifacts import publish_markdown, publish_run
-    from tasks.reporting.markdown import escape, image
-    from tasks.reporting.plots import base, runs as run_plots
-    from tasks.reporting.tables import Table
+    from agelens.tasks.core.hashing import sha256_json
+    from agelens.tasks.core.stage import atomic_write_bytes
+    from agelens.tasks.reporting.artifacts import publish_markdown, publish_run
+    from agelens.tasks.reporting.markdown import escape, image
+    from agelens.tasks.reporting.plots import base, runs as run_plots
+    from agelens.tasks.reporting.tables import Table
 
     names = varied(settings)
     scored = [(i, r) for i, r in enumerate(table) if r.get("accuracy") is not None]

@@ -21,10 +21,10 @@ import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 
-from flows.locks import locked
-from tasks.core.errors import AgelensError
-from tasks.core.hashing import sha256_json
-from tasks.core.stage import atomic_write_bytes, output_path, write_json
+from agelens.flows.service.locks import locked
+from agelens.tasks.core.errors import AgelensError
+from agelens.tasks.core.hashing import sha256_json
+from agelens.tasks.core.stage import atomic_write_bytes, output_path, write_json
 
 CONFIG_SETTINGS = ("split_by", "test_frac", "seed")
 MODEL_FACTS = ("backbone", "head", "classes", "image_size", "outputs", "tta", "temperature", "precision", "channels_last")
@@ -160,8 +160,8 @@ def settle(out: Path, settings, run_id: str, results: dict, context: dict) -> di
 
 def promote_by_hand(out: Path, run: str) -> dict:
     """`agelens promote RUN`: the model of a recorded run becomes its configuration's champion."""
-    from flows.runs import read_runs
-    from tasks.core.stage import read_result
+    from agelens.flows.pipeline.runs import read_runs
+    from agelens.tasks.core.stage import read_result
 
     rows = [r for r in read_runs(out) if r["run_id"].startswith(run)]
     if not rows:

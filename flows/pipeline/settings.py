@@ -2,7 +2,7 @@
 
 `RunSettings` is the flow's one parameter (Prefect's UI shows it as a form), the source of
 the CLI options (`--per-class` for `per_class`, ...), the deployments' parameters, and what
-each stage reads by name (`flows/graph.py` declares which). A preset is a named set of
+each stage reads by name (`flows/pipeline/graph.py` declares which). A preset is a named set of
 overrides; options given explicitly win over it.
 """
 
@@ -13,8 +13,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from flows.graph import STAGE_NAMES
-from tasks.core.errors import ConfigError
+from agelens.flows.pipeline.graph import STAGE_NAMES
+from agelens.tasks.core.errors import ConfigError
 
 PRESETS: dict[str, dict] = {
     # The reference's pipeline with ConvNeXt-Tiny's layout at 1/8 width at 64 px: minutes on a 2-core CPU.

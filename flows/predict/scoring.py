@@ -3,7 +3,7 @@
 Every image file found (folders are searched recursively) is read as it is meant to be seen,
 its faces found with YuNet (or, with `--no-detect`, taken whole, as the demo's faces and
 pre-cropped sets are), each face cropped with a margin as the training faces are framed, and
-scored in batches with the champion of a configuration (flows/models.py) or a run's model:
+scored in batches with the champion of a configuration (flows/registry/models.py) or a run's model:
 decade, calibrated probability of every decade, expected age. Files that are not images, cannot
 be read or hold no face are listed with the reason, never a crash.
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.core.errors import AgelensError, DataError
+from agelens.tasks.core.errors import AgelensError, DataError
 
 READERS = 2  # threads reading and detecting while the model scores
 
@@ -42,12 +42,12 @@ def load_scorer(out: str | Path, config: str | None = None, run: str | None = No
     """The champion of `config` (the only configuration when there is one), or a run's model."""
     from safetensors.torch import load_file
 
-    from flows import models
-    from flows.runs import read_runs
-    from tasks.core.stage import output_path, read_result
-    from tasks.model.backbones import build_model
-    from tasks.model.heads import Head
-    from tasks.model.inference import Runtime, prepare
+    from agelens.flows.registry import models
+    from agelens.flows.pipeline.runs import read_runs
+    from agelens.tasks.core.stage import output_path, read_result
+    from agelens.tasks.model.backbones import build_model
+    from agelens.tasks.model.heads import Head
+    from agelens.tasks.model.inference import Runtime, prepare
 
     out = Path(out).expanduser().resolve()
     if run:
@@ -83,8 +83,8 @@ def load_scorer(out: str | Path, config: str | None = None, run: str | None = No
 
 def _faces(path: Path, detector, size: int) -> tuple[list[tuple[np.ndarray, dict]], str | None]:
     """([(crop, where)], reason it has none)."""
-    from tasks.data.decoding import decode_one
-    from tasks.model.faces import check_file, crop, read_image
+    from agelens.tasks.data.decoding import decode_one
+    from agelens.tasks.model.faces import check_file, crop, read_image
 
     if detector is None:  # one face per file: decoded exactly as the decode stage decodes training images
         try:
@@ -112,8 +112,8 @@ def score(paths: list[str], scorer: Scorer, detect: bool = True, face_model: str
     import torch
     from tqdm.auto import tqdm
 
-    from tasks.model.faces import Detector, face_model as locate, find_images
-    from tasks.model.inference import predict
+    from agelens.tasks.model.faces import Detector, face_model as locate, find_images
+    from agelens.tasks.model.inference import predict
 
     files, skipped = find_images(paths)
     model_file = locate(face_model) if detect and files else None
@@ -165,11 +165,11 @@ def _explain(scorer: Scorer, crops: np.ndarray, where: list[dict], folder: Path)
     """A Grad-CAM overlay per face: face | Grad-CAM over it."""
     import torch
 
-    from tasks.attribution.cams import cam_maps
-    from tasks.attribution.layers import cam_layer_of
-    from tasks.model.inference import model_input
-    from tasks.reporting.plots import grids
-    from tasks.reporting.plots.base import overlay
+    from agelens.tasks.attribution.cams import cam_maps
+    from agelens.tasks.attribution.layers import cam_layer_of
+    from agelens.tasks.model.inference import model_input
+    from agelens.tasks.reporting.plots import grids
+    from agelens.tasks.reporting.plots.base import overlay
 
     folder.mkdir(parents=True, exist_ok=True)
     layer = cam_layer_of(scorer.model, "auto", scorer.facts["image_size"])
@@ -186,7 +186,7 @@ def write(rows: list[dict], target: Path) -> None:
     """CSV or Parquet, by the file's suffix; written atomically."""
     import pandas as pd
 
-    from tasks.core.stage import atomic_write_bytes
+    from agelens.tasks.core.stage import atomic_write_bytes
 
     table = pd.DataFrame(rows)
     if target.suffix.lower() == ".parquet":

@@ -1,17 +1,17 @@
-"""The `agelens-sweep` Prefect flow (the logic is in flows/sweep.py)."""
+"""The `agelens-sweep` Prefect flow (the logic is in flows/sweep/grid.py)."""
 
 from __future__ import annotations
 
 from prefect import flow
 
-from flows.age_pipeline import on_task_runner
-from flows.settings import RunSettings
-from flows.sweep import sweep_flow_fn
+from agelens.flows.pipeline.flow import on_task_runner
+from agelens.flows.pipeline.settings import RunSettings
+from agelens.flows.sweep.grid import sweep_flow_fn
 
 
 @flow(name="agelens-sweep", log_prints=True)
 def agelens_sweep(settings: list[RunSettings]) -> dict:
-    """Several settings of the study, run together and compared (flows/sweep.py)."""
+    """Several settings of the study, run together and compared (flows/sweep/grid.py)."""
     return sweep_flow_fn(settings)
 
 

@@ -11,11 +11,11 @@ import os
 from importlib.metadata import version
 from pathlib import Path
 
-from flows.demo import DEMO_FILE, DEMO_ROOT
-from tasks.core.errors import DataError
-from tasks.core.hashing import HashMemo, sha256_json
-from tasks.core.stage import output_path
-from tasks.data.sources import default_image_root, detect_format, list_images
+from agelens.flows.pipeline.demo import DEMO_FILE, DEMO_ROOT
+from agelens.tasks.core.errors import DataError
+from agelens.tasks.core.hashing import HashMemo, sha256_json
+from agelens.tasks.core.stage import output_path
+from agelens.tasks.data.sources import default_image_root, detect_format, list_images
 
 
 def open_memo(out: str | Path) -> HashMemo:
@@ -38,7 +38,7 @@ class Inputs:
         if settings.data is not None:
             data = settings.data
         elif make_demo:
-            from flows.demo import demo_data
+            from agelens.flows.pipeline.demo import demo_data
 
             data = demo_data()
         else:
@@ -98,8 +98,8 @@ class Inputs:
 
     @functools.cached_property
     def champion(self) -> dict:
-        """The current champion of this run's configuration (flows/models.py), by its model's digest."""
-        from flows.models import handle
+        """The current champion of this run's configuration (flows/registry/models.py), by its model's digest."""
+        from agelens.flows.registry.models import handle
 
         return handle(Path(self.out).expanduser().resolve(), self.settings)
 
@@ -111,7 +111,7 @@ class Inputs:
         if self.weights_choice == "imagenet":
             path = self.pretrained_file()
             if not path.is_file():
-                from tasks.model.backbones import ensure_pretrained
+                from agelens.tasks.model.backbones import ensure_pretrained
 
                 path = ensure_pretrained(self.backbone)
         else:
@@ -125,7 +125,7 @@ class Inputs:
         """Where torch keeps the ImageNet weights of the backbone (remembered per torchvision
         version, so a cached run need not import torchvision to know)."""
         def compute() -> str:
-            from tasks.model.backbones import pretrained_file
+            from agelens.tasks.model.backbones import pretrained_file
 
             return pretrained_file(self.backbone).name
 

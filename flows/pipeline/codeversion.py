@@ -13,15 +13,20 @@ import ast
 import functools
 from pathlib import Path
 
-from tasks.core.hashing import sha256_bytes
-from tasks.core.stage import PRESENTATION
+from agelens.tasks.core.hashing import sha256_bytes
+from agelens.tasks.core.stage import PRESENTATION
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # holds flows/ and tasks/: the checkout, or the installed package
+PACKAGE = "agelens"
 PACKAGES = ("tasks", "flows")  # the project's own code; libraries are versioned by the environment
 
 
 def module_file(name: str, root: Path) -> Path | None:
-    path = root.joinpath(*name.split("."))
+    """The file of `agelens.<package>.<...>` below `root` (which stands for `agelens`)."""
+    parts = name.split(".")
+    if parts[0] != PACKAGE or len(parts) < 2:
+        return None
+    path = root.joinpath(*parts[1:])
     for candidate in (path.with_suffix(".py"), path / "__init__.py"):
         if candidate.is_file():
             return candidate
@@ -31,7 +36,7 @@ def module_file(name: str, root: Path) -> Path | None:
 def is_stage_module(name: str) -> bool:
     """Stages live at the top of `tasks/`; helpers below it, by concern."""
     parts = name.split(".")
-    return len(parts) == 2 and parts[0] == "tasks"
+    return len(parts) == 3 and parts[:2] == [PACKAGE, "tasks"]
 
 
 def _imports(nodes) -> frozenset[str]:
@@ -44,7 +49,7 @@ def _imports(nodes) -> frozenset[str]:
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
                 names.add(node.module)
                 names.update(f"{node.module}.{alias.name}" for alias in node.names)
-    return frozenset(n for n in names if n.split(".")[0] in PACKAGES)
+    return frozenset(n for n in names if n.split(".")[:2] in ([PACKAGE, p] for p in PACKAGES))
 
 
 @functools.cache
@@ -76,7 +81,7 @@ def closure(module: str, root: Path = ROOT) -> tuple[str, ...]:
     while todo:
         name = todo.pop()
         path = module_file(name, root)
-        if name in seen or path is None:  # `from tasks import plots` also yields 'tasks.plots' and 'tasks'
+        if name in seen or path is None:  # `from agelens.tasks import x` also yields 'agelens.tasks.x'
             continue
         seen.add(name)
         todo.extend(_parts(path, is_stage_module(name))[0][0])

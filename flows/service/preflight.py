@@ -11,8 +11,8 @@ from __future__ import annotations
 import uuid
 from pathlib import Path
 
-from flows.graph import BY_NAME
-from tasks.core.errors import ConfigError, DataError
+from agelens.flows.pipeline.graph import BY_NAME
+from agelens.tasks.core.errors import ConfigError, DataError
 
 
 def writable_out(out: str) -> Path:
@@ -39,9 +39,9 @@ def check_model_settings(settings, will_run: set[str]) -> list[str]:
     ConfigError naming every problem. Returns notes worth logging (which CAM layer is used)."""
     if not model_stages(will_run):
         return []
-    from tasks.attribution.layers import MIN_CAM_SIDE, cam_layer_of, check_layers, feature_layers_of, map_sides
-    from tasks.model.backbones import build_model, size_problem
-    from tasks.model.inference import resolve_device
+    from agelens.tasks.attribution.layers import MIN_CAM_SIDE, cam_layer_of, check_layers, feature_layers_of, map_sides
+    from agelens.tasks.model.backbones import build_model, size_problem
+    from agelens.tasks.model.inference import resolve_device
 
     problems, notes = [], []
     try:
@@ -83,7 +83,7 @@ def check_weights(settings, weights: dict) -> None:
     """A weights file is readable and fits the backbone, before any work."""
     if weights.get("kind") != "file":
         return
-    from tasks.model.backbones import check_weights as fits
+    from agelens.tasks.model.backbones import check_weights as fits
 
     try:
         fits(settings.backbone, Path(weights["path"]), settings.image_size)
@@ -104,7 +104,7 @@ def check_run(settings, out: Path, inputs) -> tuple[list[dict], list[str]]:
     """What a run would do (`agelens status`'s rows) and every check that can be made before it
     starts: the data is there, the model settings and the weights work for the stages that will
     run. Returns (rows, notes to log)."""
-    from flows.status import plan
+    from agelens.flows.service.status import plan
 
     rows = plan(settings, str(out), inputs, hash_file=inputs.memo.file)
     for row in rows:

@@ -8,8 +8,8 @@ import os
 from datetime import datetime, timezone
 from pathlib import Path
 
-from flows.graph import BY_NAME
-from flows.locks import locked
+from agelens.flows.pipeline.graph import BY_NAME
+from agelens.flows.service.locks import locked
 
 ROW_FIELDS = {"run_id": str, "time": str, "settings": dict, "stages": dict}
 METRICS = ("accuracy", "accuracy_ci", "macro_f1", "within_one", "mae_years", "mae_decades")

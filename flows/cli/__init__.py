@@ -1,0 +1,1 @@
+"""The `agelens` command line."""

@@ -1,0 +1,1 @@
+"""The pipeline: the flow, the stage graph and its keys, the runner, this run's inputs, publishing."""

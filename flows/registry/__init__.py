@@ -1,0 +1,1 @@
+"""The model registry: each configuration's champion and the decisions about it."""

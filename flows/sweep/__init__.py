@@ -1,0 +1,1 @@
+"""Sweeps: several settings run together and compared."""
