@@ -17,6 +17,8 @@ class CompareSummary(Summary):
     champion: dict | None = None
     champion_run: str | None = None
     difference_ci: list[float] | None = None
+    warning: str | None = None  # what was wrong with the champion as recorded (this model met what was left)
+    against: str = "none"  # the champion input this decision was keyed by
 
 
 STAGE = Stage("compare", CompareSummary, needs=("split", "decode", "train", "evaluate"), inputs=("images", "champion"),
@@ -66,9 +68,13 @@ def run(job: Job) -> dict:
     champion = job.inputs["champion"]
     predictions = pd.read_parquet(job.path("evaluate", "predictions"))
     mine = predictions[predictions["split"] == split].reset_index(drop=True)
-    found = {"split": split, "images": len(mine), "challenger": challenger}
+    found = {"split": split, "images": len(mine), "challenger": challenger, "against": champion["sha256"]}
+    if champion.get("warning"):
+        log.warning("%s", champion["warning"])
+        found["warning"] = champion["warning"]
     if champion["sha256"] == "none":
-        found.update(decision="promote", why="the first model of this configuration")
+        found.update(decision="promote", why="the first model of this configuration" if not champion.get("warning")
+                     else f"the first verified model of this configuration ({champion['warning']})")
     elif champion["model_digest"] == job.upstream["train"]["outputs"]["model"]["sha256"]:
         found.update(decision="same", champion_run=champion["run_id"], why="this model already is the champion")
     elif list(champion["facts"]["classes"]) != list(job.context["classes"]):
@@ -111,4 +117,5 @@ def report_section(view) -> list[str]:
     verdict = {"promote": "**Promoted** to champion of this configuration: ",
                "keep": "**Kept the champion**, because this model is worse: ", "same": "**Champion**: "}[s.decision]
     return ["## Champion", verdict + escape(s.why) + ". `agelens models` lists the champion and every rejected "
-                                                     "model; `agelens promote RUN` overrides by hand."]
+                                                     "model; `agelens promote RUN` overrides by hand.",
+            *([f"**Warning**: {escape(s.warning)}."] if s.warning else [])]

@@ -37,7 +37,7 @@ def run(job: Job) -> dict:
     from agelens.tasks.core.errors import DataError
     from agelens.tasks.data.arrays import open_decoded
     from agelens.tasks.data.picking import first_per_class
-    from agelens.tasks.model.inference import load_trained, model_input, runtime_for
+    from agelens.tasks.model.inference import head_of, load_trained, model_input, runtime_for
 
     log = logger()
     settings = job.settings
@@ -57,18 +57,23 @@ def run(job: Job) -> dict:
     clock = evidence.Clock()
     trained = evidence.explain_batch(model, x, cam_layer, methods, clock=clock, autocast=runtime.autocast)
     trained["labels"] = index.loc[rows, "label"].tolist()
+    head = head_of(job.context)
+    # What the maps explain is one output (a year, for the ages head); people read its decade.
+    trained["predicted"] = [classes[c] for c in head.class_of_output(trained["targets"])]
+    trained["class_probs"] = head.class_probs(trained["probs"])
     faithful, faith_images, faith_table = evidence.faithfulness(
         model, x, trained, methods, settings["seed"], settings["faithfulness_steps"], runtime.autocast, clock)
     with job.output() as out:
-        strips = _draw_maps(out, array, index, rows, trained, methods, cam_layer, classes)
+        strips = _draw_maps(out, array, index, rows, trained, methods, cam_layer)
         _draw_faithfulness(out, faithful, faith_images, faith_table)
         summary = {"cam_layer": cam_layer, "methods": methods, "classes": list(picked), "images": len(rows),
-                   "predicted": dict(zip(strips, (classes[t] for t in trained["targets"]))), "strips": strips,
+                   "predicted": dict(zip(strips, trained["predicted"])), "strips": strips,
                    "faithfulness": evidence.records(faith_table)}
         if settings["sanity_check"]:
             steps, overview = evidence.randomisation(model, x, cam_layer, methods, trained, settings["seed"], clock,
                                                      runtime.autocast)
-            logit = evidence.random_logit(model, x, cam_layer, methods, trained, len(classes), clock, runtime.autocast)
+            logit = evidence.random_logit(model, x, cam_layer, methods, trained, head.outputs, clock, runtime.autocast,
+                                          step=10 if head.kind == "ages" else 1)
             _draw_randomisation(out, steps, overview, logit)
             summary.update(randomisation=evidence.records(overview), random_logit=evidence.records(logit))
         for name, seconds in clock.seconds.items():
@@ -76,7 +81,7 @@ def run(job: Job) -> dict:
         return out.finish(ExplainSummary(**summary, seconds={n: round(s, 2) for n, s in clock.seconds.items()}))
 
 
-def _draw_maps(out, array, index, rows, trained: dict, methods: list[str], cam_layer: str, classes) -> list[str]:
+def _draw_maps(out, array, index, rows, trained: dict, methods: list[str], cam_layer: str) -> list[str]:
     """The reference's strip and the maps per image, and one grid of every CAM method."""
     import numpy as np
 
@@ -86,8 +91,8 @@ def _draw_maps(out, array, index, rows, trained: dict, methods: list[str], cam_l
     for i, row in enumerate(rows):
         k = labels[:i].count(labels[i])
         image = np.asarray(array[row])
-        title = (f"{index.loc[row, 'path']} · actual {labels[i]} · predicted {classes[trained['targets'][i]]} "
-                 f"(p={trained['probs'][i].max():.2f}) · {cam_layer}")
+        title = (f"{index.loc[row, 'path']} · actual {labels[i]} · predicted {trained['predicted'][i]} "
+                 f"(p={trained['class_probs'][i].max():.2f}) · {cam_layer}")
         strip = grids.explanation_strip(image, maps[methods[0]][i], methods[0],
                                         maps["guided_backprop"][i].transpose(1, 2, 0),
                                         maps["guided_grad_cam"][i].transpose(1, 2, 0), title)

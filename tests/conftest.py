@@ -13,6 +13,10 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 if os.environ.get("PYTEST_XDIST_WORKER"):  # the suite runs on as many workers as cores: one thread each
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+# The suite never reaches the internet: the face detector comes from ../shared/models where that
+# folder is (the project's CI), else from nowhere (framing then takes its default; detection tests skip).
+SHARED_MODELS = Path(__file__).resolve().parents[1] / ".." / "shared" / "models"
+os.environ.setdefault("AGELENS_MODELS_URL", str(SHARED_MODELS if SHARED_MODELS.is_dir() else Path(__file__).parent / "no-mirror"))
 
 from agelens.tasks.data.demo import DemoSpec, plan_demo, write_demo  # noqa: E402
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from markdown_it import MarkdownIt
 from PIL import Image
 
 from agelens.tasks.reporting.artifacts import artifact_key, cell_text, safe_rows
@@ -61,10 +62,17 @@ def test_hostile_class_names_and_file_names_are_text_everywhere(server, tmp_path
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert {s["state"] for s in result["stages"].values()} == {"Completed"}
     study = Path(result["stages"]["report"]["outputs"]["report"]).read_text()
-    for report in (study, Path(result["run"]["report"]).read_text()):
-        assert "<img" not in report and "<b>" not in report
-        assert "&lt;img src=x onerror=alert\\(1\\)&gt;" in report and "\\$x\\$ and \\`y\\` \\|z" in report
     found = server.api("POST", "/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [result["run"]["run_id"]]}}})
+    reports = [study, Path(result["run"]["report"]).read_text()]
+    for report in reports:
+        assert "<img" not in report and "<b>" not in report
+        assert "\\<img src=x onerror=alert\\(1\\)\\>" in report and "\\$x\\$ and \\`y\\` \\|z" in report
+    # A CommonMark renderer shows every markdown artifact's text as text, escaped once.
+    for markdown in [*reports, *(a["data"] for a in found if a["type"] == "markdown")]:
+        html = MarkdownIt("commonmark").enable("table").render(markdown)
+        assert "<img src=x" not in html and "<b>" not in html and 'href="javascript:' not in html
+        assert "&amp;#" not in html and "&amp;lt;" not in html
+    assert "&lt;img src=x onerror=alert(1)&gt;" in MarkdownIt("commonmark").enable("table").render(study)
     by_key = {a["key"]: a for a in found}
     ui = server.url.removesuffix("/api")
     for key in ("agelens-confusion-matrix-val", "agelens-classification-report-val", "agelens-split-counts",

@@ -163,7 +163,7 @@ def test_damaged_outputs_are_noticed_and_recomputed(prefect_backend, small_cacd,
     assert main(["run", *options, "--json"]) == 0
     again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert {s: again["stages"][s]["state"] for s in again["stages"]} == \
-        {"extract": "Cached", "split": "Completed", "decode": "Cached", "train": "Completed"}
+        {"extract": "Cached", "split": "Completed", "framing": "Cached", "decode": "Cached", "train": "Completed"}
     assert model.read_bytes() == weights  # recomputed to the same weights
     assert all(row["cached"] for row in status_rows(capsys, *options).values())
     assert main(["runs", "--out", str(out)]) == 0

@@ -71,6 +71,26 @@ def write_csv_dataset(source: Path, target: Path) -> Path:
     return target / "labels.csv"
 
 
+def test_the_ages_head_runs_every_stage_and_a_rerun_skips_every_stage(prefect_backend, small_cacd, tmp_path):
+    """`--head ages` (one output per year) through every stage to the report; the same command
+    again is all cached, compare and report included (the first run made its model champion)."""
+    from markdown_it import MarkdownIt
+
+    options = dict(until="report", per_class=20, backbone="convnext_narrow", weights="none", image_size=32, epochs=1,
+                   head="ages", explain_images=1, feature_images=1, attention_images=2, faithfulness_steps=2,
+                   embed_images=60, tsne_perplexity=5.0)
+    first = run(small_cacd / "celebrity2000_meta.mat", tmp_path / "o", **options)
+    assert set(states(first).values()) == {"Completed"}
+    assert first["stages"]["compare"]["summary"]["decision"] == "promote"
+    explained = first["stages"]["explain"]["summary"]
+    assert set(explained["predicted"].values()) <= set(first["stages"]["extract"]["summary"]["per_class"])
+    again = run(small_cacd / "celebrity2000_meta.mat", tmp_path / "o", **options)
+    assert set(states(again).values()) == {"Cached"}, states(again)
+    # Text in the report is escaped once: a renderer shows no entity as written (such as &#x27; for ').
+    rendered = MarkdownIt("commonmark").enable("table").render(Path(again["run"]["report"]).read_text())
+    assert "&amp;#" not in rendered and "&amp;lt;" not in rendered, "escaped twice"
+
+
 def test_a_changed_image_folder_is_never_served_from_the_cache(prefect_backend, small_cacd, tmp_path):
     out = tmp_path / "artifacts"
     labels = write_csv_dataset(small_cacd, tmp_path / "one")
@@ -82,7 +102,8 @@ def test_a_changed_image_folder_is_never_served_from_the_cache(prefect_backend, 
     for image in (tmp_path / "two" / "faces").iterdir():
         Image.new("RGB", (250, 250), (200, 10, 10)).save(image, format="JPEG")
     second = run(labels_two, out, until="decode", image_size=16, per_class=1000)
-    assert states(second) == {"extract": "Cached", "split": "Cached", "decode": "Completed"}
+    # The new bytes are measured for framing and decoded again.
+    assert states(second) == {"extract": "Cached", "split": "Cached", "framing": "Completed", "decode": "Completed"}
     index = pd.read_parquet(second["stages"]["decode"]["outputs"]["index"])
     decoded = np.memmap(second["stages"]["decode"]["outputs"]["images"], dtype=np.uint8, mode="r",
                         shape=(len(index), 16, 16, 3))
@@ -95,7 +116,7 @@ def test_a_changed_image_folder_is_never_served_from_the_cache(prefect_backend, 
     assert moved["stages"]["decode"]["key"] == first["stages"]["decode"]["key"]
     # ... and a stage that must read the images reads them there (not from the old path).
     reread = run(tmp_path / "moved" / "labels.csv", out, until="decode", image_size=24, per_class=1000)
-    assert states(reread) == {"extract": "Cached", "split": "Cached", "decode": "Completed"}
+    assert states(reread) == {"extract": "Cached", "split": "Cached", "framing": "Cached", "decode": "Completed"}
     assert reread["stages"]["decode"]["summary"]["undecodable"] == 0
 
 

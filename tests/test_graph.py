@@ -65,7 +65,7 @@ def _copy_package(tmp_path: Path) -> Path:
      {"train", "calibrate", "evaluate", "compare", "embed", "featuremaps", "attention", "explain"}),
     ("reporting/markdown", "def escape", {"report"}),
     ("reporting/tables", "def class_report_rows", {"report"}),
-    ("data/sources", "def list_images", {"extract"}),
+    ("data/sources", "def list_images", {"extract", "framing"}),  # framing finds image files as predict does
     # Labels reach every stage that holds a model, through the age head.
     ("data/labels", "def decade_values",
      {"extract", "train", "calibrate", "evaluate", "compare", "embed", "featuremaps", "attention", "explain"}),

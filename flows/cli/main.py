@@ -90,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     models = commands.add_parser("models", help="each configuration's champion model and the models it kept out")
     models.add_argument("--out", default="artifacts", metavar="PATH")
     models.add_argument("--json", action="store_true")
+    models.add_argument("--verify", action="store_true", help="check the weights of every stored model, not only "
+                                                              "the champions (exit 1 when one is damaged)")
     promote = commands.add_parser("promote", help="make a recorded run's model its configuration's champion")
     promote.add_argument("run", metavar="RUN", help="a run id or its first characters (see agelens runs)")
     promote.add_argument("--out", default="artifacts", metavar="PATH")
@@ -103,10 +105,14 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "several)")
     predict.add_argument("--run", metavar="RUN", help="the model of this recorded run instead of a champion")
     predict.add_argument("--no-detect", action="store_true", help="each image is one face already (no detection)")
-    predict.add_argument("--face-model", metavar="PATH", help="YuNet's ONNX file (default: the packaged one)")
+    predict.add_argument("--face-model", metavar="PATH", help="YuNet's ONNX file (default: $AGELENS_FACE_MODEL, else "
+                                                              "the copy in the user's cache, downloaded on first use)")
     predict.add_argument("--explain", metavar="DIR", help="write a Grad-CAM overlay per face into DIR")
     predict.add_argument("--batch-size", type=int, default=64, metavar="N")
     predict.add_argument("--device", default="auto")
+    fetch = commands.add_parser("fetch-models", help="download the model files agelens fetches on first use (the face "
+                                                     "detector) into the cache now, for machines without internet")
+    fetch.add_argument("--json", action="store_true")
     deploy = commands.add_parser("deploy", help="deploy age-pipeline and watch-data on your data to a Prefect server")
     _add_settings(deploy)
     deploy.add_argument("--name", default="main", help="deployment name of both (default: main)")
@@ -341,29 +347,65 @@ def _text(value) -> str:
 
 
 def models_command(args) -> int:
+    from agelens.flows.pipeline.inputs import open_memo
     from agelens.flows.registry import models
 
-    listing = []
-    for config in models.configs(args.out):
-        champion = models.champion(args.out, config)
-        listing.append({"config": config, "champion": champion, "decisions": models.decisions(args.out, config)})
+    listing, damaged = [], 0
+    with open_memo(args.out) if os.path.isdir(args.out) else _no_memo() as memo:
+        for config in models.configs(args.out):
+            served = models.serving(args.out, config, memo.file)
+            entry = {"config": config, "champion": served.champion, "serving": served.record, "warning": served.warning,
+                     "decisions": models.decisions(args.out, config)}
+            if args.verify:
+                entry["stored"] = [{**r, "problem": models.verify(args.out, config, r, memo.file)}
+                                   for r in models.stored(args.out, config)]
+                damaged += sum(1 for r in entry["stored"] if r["problem"])
+            damaged += bool(served.warning)
+            listing.append(entry)
     if args.json:
         print(json.dumps(listing))
-        return 0
+        return 1 if args.verify and damaged else 0
     if not listing:
         print(f"no models recorded in {os.path.abspath(args.out)} (a run that reaches the compare stage records one)")
     for entry in listing:
-        champion = entry["champion"]
-        where = (champion or {}).get("settings", {})
         print(f"configuration {entry['config']}")
+        champion, serving = entry["champion"], entry["serving"]
         if champion:
-            m = champion.get("metrics") or {}
-            print(f"  champion  run {champion['run_id'][:8]}  model {champion['model_digest'][:12]}  "
-                  f"{where.get('backbone')} {where.get('image_size')} px  accuracy {_text(m.get('accuracy'))}  "
-                  f"since {champion['promoted_at']}: {champion['why']}")
+            print("  champion  " + _model_line(champion) + ("  DAMAGED" if entry["warning"] else ""))
+        if entry["warning"]:
+            print(f"  warning   {entry['warning']}")
+        if serving and serving is not champion:
+            print("  serving   " + _model_line(serving))
         for d in entry["decisions"]:
             if d["decision"] == "keep":
                 print(f"  rejected  run {d['run_id'][:8]}  model {d['model_digest'][:12]}  {d['time']}: {d['why']}")
+        for r in entry.get("stored", []):
+            print(f"  stored    run {r['run_id'][:8]}  model {r['model_digest'][:12]}  "
+                  + (f"DAMAGED: {r['problem']}" if r["problem"] else "verified"))
+    return 1 if args.verify and damaged else 0
+
+
+def _model_line(record: dict) -> str:
+    where, m = record.get("settings") or {}, record.get("metrics") or {}
+    facts = record.get("facts") or {}
+    return (f"run {record['run_id'][:8]}  model {record['model_digest'][:12]}  {where.get('backbone', facts.get('backbone'))} "
+            f"{where.get('image_size', facts.get('image_size'))} px  accuracy {_text(m.get('accuracy'))}  "
+            f"since {record.get('promoted_at')}: {record.get('why')}")
+
+
+@contextmanager
+def _no_memo():
+    from agelens.tasks.core.hashing import HashMemo
+
+    with HashMemo(None) as memo:
+        yield memo
+
+
+def fetch_models_command(args) -> int:
+    from agelens.tasks.core.downloads import MODEL_FILES, locate
+
+    found = [{"file": model.name, "path": str(locate(model, progress=not args.json))} for model in MODEL_FILES]
+    print(json.dumps(found) if args.json else "\n".join(f"{f['file']}: {f['path']}" for f in found))
     return 0
 
 
@@ -395,10 +437,15 @@ def deploy_command(args) -> int:
     check_reachable(url)
     from agelens.flows.service.deployments import deploy
 
+    from agelens.tasks.core.downloads import YUNET, MIRROR_ENV, source_url
+
     names = deploy(settings, args.name, args.pool)
     print("deployed " + ", ".join(names) + f" to work pool {args.pool} on {url}; start a worker with:\n"
           f"  prefect worker start --pool {args.pool}\nand score a folder of photos with the champion model with:\n"
-          f"  prefect deployment run predict/{args.name} --param folder=/path/to/photos")
+          f"  prefect deployment run predict/{args.name} --param folder=/path/to/photos\n"
+          f"The workers' face detector ({YUNET.name}) comes from ${YUNET.local_env} on the worker, else its cache "
+          f"({YUNET.cached} for this user), else {source_url(YUNET)} on first use (${MIRROR_ENV} names a mirror); "
+          "on workers without internet run `agelens fetch-models` first.")
     return 0
 
 
@@ -413,7 +460,7 @@ def serve_command(args) -> int:
 
 
 COMMANDS = {"run": run_command, "sweep": sweep_command, "status": status_command, "gc": gc_command, "runs": runs_command,
-            "models": models_command, "promote": promote_command, "predict": predict_command, "deploy": deploy_command, "serve": serve_command}
+            "models": models_command, "fetch-models": fetch_models_command, "promote": promote_command, "predict": predict_command, "deploy": deploy_command, "serve": serve_command}
 
 
 def describe(result: dict) -> str:

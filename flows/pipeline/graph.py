@@ -23,6 +23,7 @@ from agelens.tasks.core.stage import EARLIER, Stage, spec
 STAGE_MODULES = (
     "extract",
     "split",
+    "framing",
     "decode",
     "train",
     "calibrate",

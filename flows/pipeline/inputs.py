@@ -12,7 +12,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 from agelens.flows.pipeline.demo import DEMO_FILE, DEMO_ROOT
-from agelens.tasks.core.errors import DataError
+from agelens.tasks.core.errors import AgelensError, DataError
 from agelens.tasks.core.hashing import HashMemo, sha256_json
 from agelens.tasks.core.stage import output_path
 from agelens.tasks.data.sources import default_image_root, detect_format, list_images
@@ -27,14 +27,14 @@ class Inputs:
     """Content handles of the data a run reads, computed on first use and remembered."""
 
     def __init__(self, data: str, images: str | None, weights: str, backbone: str, memo: HashMemo,
-                 out: str | Path | None = None, settings=None):
+                 out: str | Path | None = None, settings=None, fetch: bool = True):
         self.data, self.images_option, self.weights_choice, self.backbone = data, images, weights, backbone
-        self.memo, self.out, self.settings = memo, out, settings
+        self.memo, self.out, self.settings, self.fetch = memo, out, settings, fetch
 
     @classmethod
     def of(cls, settings, memo: HashMemo, make_demo: bool = True) -> "Inputs":
-        """The inputs of a run with these settings; the demo's data is generated first when
-        `make_demo` (otherwise only its expected place is named)."""
+        """The inputs of a run with these settings; the demo's data is generated first, and model
+        files are downloaded, when `make_demo` (otherwise only their expected places are named)."""
         if settings.data is not None:
             data = settings.data
         elif make_demo:
@@ -43,12 +43,15 @@ class Inputs:
             data = demo_data()
         else:
             data = str(DEMO_ROOT / DEMO_FILE)
-        return cls(data, settings.images, settings.weights_choice, settings.backbone, memo, settings.out, settings)
+        return cls(data, settings.images, settings.weights_choice, settings.backbone, memo, settings.out, settings,
+                   fetch=make_demo)
 
     def get(self, name: str, upstream: dict[str, dict], out: str) -> dict:
         """The handle of input `name` ("images" needs the split's result)."""
         if name == "images":
             return self.sampled_images(output_path(out, upstream["split"], "manifest"))
+        if name == "champion":
+            return self.champion(upstream["train"]["outputs"]["model"]["sha256"])
         return getattr(self, name)
 
     @functools.cached_property
@@ -96,12 +99,24 @@ class Inputs:
             raise DataError(f"cannot read image {error.filename}: {error.strerror}") from error
         return {"path": str(root), "sha256": sha256_json(list(zip(paths, digests)))}
 
-    @functools.cached_property
-    def champion(self) -> dict:
-        """The current champion of this run's configuration (flows/registry/models.py), by its model's digest."""
+    @functools.cache
+    def champion(self, model_digest: str) -> dict:
+        """The champion that the model `model_digest` is compared with (flows/registry/models.py)."""
         from agelens.flows.registry.models import handle
 
-        return handle(Path(self.out).expanduser().resolve(), self.settings)
+        return handle(Path(self.out).expanduser().resolve(), self.settings, self.memo.file, model_digest)
+
+    @functools.cached_property
+    def face_detector(self) -> dict:
+        """The face detector the framing stage measures with (tasks/core/downloads.py), or "none" and
+        why, where it cannot be had: the framing is then the default, until the detector comes."""
+        from agelens.tasks.core.downloads import YUNET, locate
+
+        try:
+            path = locate(YUNET, fetch=self.fetch, progress=False)
+            return {"path": str(path), "sha256": self.memo.file(path)}
+        except (AgelensError, OSError) as error:
+            return {"sha256": "none", "why": str(error)}
 
     @functools.cached_property
     def weights(self) -> dict:

@@ -124,7 +124,7 @@ def finish(settings, out: Path, inputs, results: dict[str, dict], states: dict[s
     row = runs.make_row(run_id, settings, results, states, data)
     runs.append_run(out, row)
     facts = {k: v for result in results.values() for k, v in result.get("meta", {}).items()}
-    decision = models.settle(out, settings, run_id, results, facts) if "compare" in results else None
+    decision = models.settle(out, settings, run_id, results, facts, inputs.memo.file) if "compare" in results else None
     if not publish:
         return {**row, "report": None, "decision": decision}
     report = run_report(out, results, previous, row)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -42,8 +43,9 @@ def load_scorer(out: str | Path, config: str | None = None, run: str | None = No
     """The champion of `config` (the only configuration when there is one), or a run's model."""
     from safetensors.torch import load_file
 
-    from agelens.flows.registry import models
+    from agelens.flows.pipeline.inputs import open_memo
     from agelens.flows.pipeline.runs import read_runs
+    from agelens.flows.registry import models
     from agelens.tasks.core.stage import output_path, read_result
     from agelens.tasks.model.backbones import build_model
     from agelens.tasks.model.heads import Head
@@ -54,13 +56,21 @@ def load_scorer(out: str | Path, config: str | None = None, run: str | None = No
         rows = [r for r in read_runs(out) if r["run_id"].startswith(run)]
         if len({r["run_id"] for r in rows}) != 1:
             raise AgelensError(f"--run {run!r} names {'no' if not rows else 'more than one'} recorded run in {out}")
-        results = {s: read_result(out, s, rows[-1]["stages"].get(s, "")) for s in ("train", "calibrate", "decode", "extract")}
+        results = {s: read_result(out, s, rows[-1]["stages"].get(s, ""))
+                   for s in ("train", "calibrate", "decode", "extract", "framing")}
+        if results["framing"] is None:  # runs from before framing was measured crop with the default
+            del results["framing"]
         missing = [s for s, r in results.items() if r is None]
         if missing:
             raise AgelensError(f"run {run} has no {', '.join(missing)} stage in {out} (not run that far, or removed by gc)")
         facts = {k: v for r in results.values() for k, v in r.get("meta", {}).items()}
         weights, source = output_path(out, results["train"], "model"), f"run {rows[-1]['run_id'][:8]}"
         digest = results["train"]["outputs"]["model"]["sha256"]
+        with open_memo(out) as memo:
+            found = memo.file(weights) if weights.is_file() else None
+        if found != digest:
+            raise AgelensError(f"the model of run {rows[-1]['run_id'][:8]} is damaged: {weights} "
+                               + ("is missing" if found is None else "was changed after it was written"))
     else:
         found = models.configs(out)
         if config is None and len(found) != 1:
@@ -68,33 +78,44 @@ def load_scorer(out: str | Path, config: str | None = None, run: str | None = No
                                f"{out} holds models of several configurations ({', '.join(found)}): pass --config ID "
                                "(see agelens models)")
         config = config or found[0]
-        champion = models.champion(out, config)
+        with open_memo(out) as memo:
+            served = models.serving(out, config, memo.file)
+        if served.warning:
+            print(f"agelens: warning: {served.warning}", file=sys.stderr)
+        champion = served.record
         if champion is None:
-            raise AgelensError(f"configuration {config} has no champion in {out} (see agelens models)")
+            raise AgelensError(f"configuration {config} has no verified champion in {out} (see agelens models --out "
+                               f"{out} --verify)")
         facts, digest = champion["facts"], champion["model_digest"]
-        weights = models.folder(out, config) / champion["folder"] / "model.safetensors"
-        source = f"champion of configuration {config} (run {champion['run_id'][:8]})"
+        weights = models.weights_of(out, config, champion)
+        source = (f"champion of configuration {config} (run {champion['run_id'][:8]})" if not served.warning else
+                  f"best verified model of configuration {config} (run {champion['run_id'][:8]})")
     runtime = Runtime.resolve(device, facts["precision"], facts["channels_last"])
     model = build_model(facts["backbone"], facts["outputs"], image_size=facts["image_size"])
-    model.load_state_dict(load_file(weights))
+    try:
+        model.load_state_dict(load_file(weights))
+    except (OSError, RuntimeError, ValueError) as error:  # checked above; the file changed since
+        raise AgelensError(f"cannot load the model {weights}: {str(error).splitlines()[0]}") from None
     return Scorer(prepare(model, runtime).eval(), runtime, Head(facts["head"], tuple(facts["classes"])), facts,
                   source, digest)
 
 
-def _faces(path: Path, detector, size: int) -> tuple[list[tuple[np.ndarray, dict]], str | None]:
-    """([(crop, where)], reason it has none)."""
+def _faces(path: Path, detector, size: int, framing) -> tuple[list[tuple[np.ndarray, dict]], str | None]:
+    """([(crop, where)], reason it has none). `where["crop"]`: "whole" (decoded as the decode stage
+    decodes training images) or "framed" (cropped around the face found, to the model's framing)."""
     from agelens.tasks.data.decoding import decode_one
     from agelens.tasks.model.faces import check_file, crop, read_image
 
-    if detector is None:  # one face per file: decoded exactly as the decode stage decodes training images
-        try:
-            check_file(path)
-        except DataError as error:
-            return [], str(error)
+    def whole(where: dict):
         face = decode_one(path, size)
-        if face is None:
-            return [], "not a readable image"
-        return [(face, {"x": None, "y": None, "w": None, "h": None, "detection_score": None})], None
+        return ([], "not a readable image") if face is None else ([(face, {**where, "crop": "whole"})], None)
+
+    try:
+        check_file(path)
+    except DataError as error:
+        return [], str(error)
+    if detector is None:  # one face per file
+        return whole({"x": None, "y": None, "w": None, "h": None, "detection_score": None})
     try:
         rgb = read_image(path)
     except DataError as error:
@@ -102,8 +123,21 @@ def _faces(path: Path, detector, size: int) -> tuple[list[tuple[np.ndarray, dict
     faces = detector(rgb)
     if not faces:
         return [], "no face found"
-    return [(crop(rgb, f.box, size), {"x": f.box[0], "y": f.box[1], "w": f.box[2], "h": f.box[3],
-                                      "detection_score": round(f.score, 4)}) for f in faces], None
+    found = [{**dict(zip("xywh", (int(round(v)) for v in f.box))), "detection_score": round(f.score, 4)} for f in faces]
+    if len(faces) == 1 and framing.fits(faces[0].box, rgb.shape) and not _rotated(path):
+        return whole(found[0])
+    return [(crop(rgb, f.box, size, framing), {**where, "crop": "framed"}) for f, where in zip(faces, found)], None
+
+
+def _rotated(path: Path) -> bool:
+    """Whether the photo carries an EXIF rotation (decoding for training ignores it, predict does not)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return image.getexif().get(0x0112, 1) != 1
+    except OSError:
+        return False
 
 
 def score(paths: list[str], scorer: Scorer, detect: bool = True, face_model: str | None = None, batch_size: int = 64,
@@ -112,7 +146,7 @@ def score(paths: list[str], scorer: Scorer, detect: bool = True, face_model: str
     import torch
     from tqdm.auto import tqdm
 
-    from agelens.tasks.model.faces import Detector, face_model as locate, find_images
+    from agelens.tasks.model.faces import Detector, Framing, face_model as locate, find_images
     from agelens.tasks.model.inference import predict
 
     files, skipped = find_images(paths)
@@ -128,6 +162,7 @@ def score(paths: list[str], scorer: Scorer, detect: bool = True, face_model: str
             local.detector = Detector(model_file)
         return local.detector
     size, rows, pending = scorer.facts["image_size"], [], []
+    framing = Framing.of(scorer.facts.get("framing"))
 
     def flush() -> None:
         if not pending:
@@ -146,7 +181,7 @@ def score(paths: list[str], scorer: Scorer, detect: bool = True, face_model: str
         pending.clear()
 
     with ThreadPoolExecutor(READERS) as pool, torch.no_grad():
-        found = pool.map(lambda p: _faces(p, detector(), size), files)
+        found = pool.map(lambda p: _faces(p, detector(), size, framing), files)
         for path, (faces, reason) in tqdm(zip(files, found), total=len(files), desc="predict", unit="img",
                                           disable=None if progress else True):
             if reason:

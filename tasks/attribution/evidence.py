@@ -47,9 +47,9 @@ def explain_batch(model, x: torch.Tensor, cam_layer: str, methods: list[str], ta
     return {"maps": maps, "targets": targets.cpu().numpy(), "probs": torch.softmax(logits, 1).cpu().numpy()}
 
 
-def adjacent_classes(targets: np.ndarray, n_classes: int) -> np.ndarray:
+def adjacent_classes(targets: np.ndarray, n_classes: int, step: int = 1) -> np.ndarray:
     """The neighbouring decade of each target: the next one, or the previous for the last."""
-    return np.where(targets + 1 < n_classes, targets + 1, targets - 1)
+    return np.where(targets + step < n_classes, targets + step, targets - step)
 
 
 def faithfulness_tables(result: dict, labels: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -97,11 +97,12 @@ def randomisation(model, x: torch.Tensor, cam_layer: str, methods: list[str], tr
     return steps, overview
 
 
-def random_logit(model, x: torch.Tensor, cam_layer: str, methods: list[str], trained: dict, n_classes: int,
-                 clock: Clock, autocast) -> pd.DataFrame:
-    """Maps for the adjacent decade instead of the predicted one, and how much they differ."""
+def random_logit(model, x: torch.Tensor, cam_layer: str, methods: list[str], trained: dict, n_outputs: int,
+                 clock: Clock, autocast, step: int = 1) -> pd.DataFrame:
+    """Maps for the adjacent decade instead of the predicted one (`step` outputs away: 10 for a
+    head with one output per year), and how much they differ."""
     began = time.perf_counter()
-    other = adjacent_classes(trained["targets"], n_classes)
+    other = adjacent_classes(trained["targets"], n_outputs, step)
     swapped = explain_batch(model, x, cam_layer, methods, torch.as_tensor(other, device=x.device),
                             autocast=autocast)["maps"]
     clock.add("random-logit test", began)

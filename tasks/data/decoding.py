@@ -55,6 +55,15 @@ def decode_one(path: Path, size: int) -> np.ndarray | None:
         return None
 
 
+def read_rgb(path: Path) -> np.ndarray | None:
+    """RGB uint8 at the file's own size, read as `decode_one` reads it; None when unreadable."""
+    try:
+        with Image.open(path) as image:
+            return np.asarray(_as_rgb(image), dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+        return None
+
+
 def decode_into(target: Path, paths: list[str], root: Path, size: int, threads: int, on_progress=None) -> np.ndarray:
     """Decode each of `paths` into row i of the uint8 array file `target`; return the mask of
     those that decoded. Threads write their rows themselves (pwrite, no lock, no copy through

@@ -1,33 +1,26 @@
-"""Faces in arbitrary photos, for `agelens predict`: which files are images, reading them (EXIF
-orientation applied, 16-bit scaled), finding faces with OpenCV's YuNet detector
-(`cv2.FaceDetectorYN`), and cropping each face with a margin, as the training faces are framed.
+"""Faces in arbitrary photos, for `agelens predict` and the framing stage: which files are images,
+reading them (EXIF orientation applied, 16-bit scaled), finding faces with OpenCV's YuNet detector
+(`cv2.FaceDetectorYN`), and cropping each face as the training faces were framed (tasks/framing.py).
 
-YuNet's model is one ONNX file (face_detection_yunet_2023mar.onnx, about 230 KB, MIT licence, from
-the OpenCV Zoo: https://github.com/opencv/opencv_zoo/tree/main/models/face_detection_yunet, sha256
-below). Nothing is downloaded at run time: agelens looks for it at `--face-model PATH`, then
-`$AGELENS_FACE_MODEL`, then `tasks/model/assets/`.
+YuNet's model is one ONNX file from the OpenCV Zoo (MIT licence), obtained on first use into the
+user's cache and checked against its sha256 (tasks/core/downloads.py); `--face-model PATH` or
+`$AGELENS_FACE_MODEL` name a local copy, `$AGELENS_MODELS_URL` a mirror.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from agelens.tasks.core.downloads import YUNET, locate
 from agelens.tasks.core.errors import DataError
 from agelens.tasks.data.decoding import _as_rgb
 from agelens.tasks.data.sources import IMAGE_SUFFIXES
 
-YUNET_FILE = "face_detection_yunet_2023mar.onnx"
-YUNET_SHA256 = "8f2383e4dd3cfbb4553ea8718107fc0423210dc964f9f4280604804ed2552fa4"
-YUNET_SOURCE = "https://github.com/opencv/opencv_zoo/tree/main/models/face_detection_yunet"
-ASSETS = Path(__file__).resolve().parent / "assets"
 DETECT_SIZE = 640  # the longest side a photo is detected at
-MARGIN = 0.4  # of the face box's larger side, added on each side (CACD and FairFace crops show the whole head)
 MIN_SCORE = 0.6
 
 
@@ -68,24 +61,52 @@ def read_image(path: Path) -> np.ndarray:
         raise DataError(f"not a readable image ({type(error).__name__})") from None
 
 
-def face_model(given: str | None = None) -> Path:
-    """The YuNet model file, checked; one clear error where it is not."""
-    candidates = [Path(given).expanduser()] if given else []
-    if os.environ.get("AGELENS_FACE_MODEL"):
-        candidates.append(Path(os.environ["AGELENS_FACE_MODEL"]).expanduser())
-    candidates.append(ASSETS / YUNET_FILE)
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
-    raise DataError(f"no face detector model: agelens predict finds faces with YuNet ({YUNET_FILE}, MIT licence, from "
-                    f"{YUNET_SOURCE}, sha256 {YUNET_SHA256[:16]}...); put it at {ASSETS / YUNET_FILE} or pass "
-                    "--face-model PATH, or pass --no-detect when every image is one face already")
+def face_model(given: str | None = None, fetch: bool = True) -> Path:
+    """YuNet's model file: `given`, `$AGELENS_FACE_MODEL`, the cache, or downloaded into it."""
+    return locate(YUNET, given, fetch)
 
 
 @dataclass(frozen=True)
 class Face:
-    box: tuple[int, int, int, int]  # x, y, width, height in the photo
+    box: tuple[float, float, float, float]  # x, y, width, height in the photo's pixels (may reach past its edges)
     score: float
+    eyes: tuple[float, float, float, float]  # right eye x, y, left eye x, y (YuNet's first landmarks)
+
+
+@dataclass(frozen=True)
+class Framing:
+    """Where the face's box sits in the images a model was trained on, as fractions of the image's
+    width and height: its centre and its size (medians over a sample, tasks/framing.py), and the
+    range (2.5th to 97.5th percentile, in the same order) that the training images spanned."""
+
+    cx: float
+    cy: float
+    width: float
+    height: float
+    low: tuple[float, float, float, float] | None = None
+    high: tuple[float, float, float, float] | None = None
+
+    @classmethod
+    def of(cls, facts: dict | None) -> "Framing":
+        if not facts:
+            return DEFAULT_FRAMING
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in facts.items()})
+
+    def fits(self, box: tuple[float, float, float, float], shape: tuple[int, ...]) -> bool:
+        """Whether a face with this box already sits in its photo as the training faces sat in theirs
+        (within their measured range): such a photo is taken whole, as training took its images,
+        instead of adding the detector's jitter by cropping it again."""
+        if self.low is None or self.high is None:
+            return False
+        x, y, w, h = box
+        height, width = shape[:2]
+        where = ((x + w / 2) / width, (y + h / 2) / height, w / width, h / height)
+        return all(lo <= v <= hi for v, lo, hi in zip(where, self.low, self.high))
+
+
+# For models whose framing was not measured (the detector was unavailable in training, or found
+# too few faces): the framing of real face crops, medians over 300 FairFace crops.
+DEFAULT_FRAMING = Framing(cx=0.50, cy=0.49, width=0.79, height=0.97)
 
 
 class Detector:
@@ -94,14 +115,13 @@ class Detector:
     def __init__(self, model: Path, min_score: float = MIN_SCORE):
         import cv2
 
-        if model.parent == ASSETS and hashlib.sha256(model.read_bytes()).hexdigest() != YUNET_SHA256:
-            raise DataError(f"{model} is not YuNet's {YUNET_FILE} (its sha256 is not {YUNET_SHA256[:16]}...)")
         try:
             self.net = cv2.FaceDetectorYN.create(str(model), "", (DETECT_SIZE, DETECT_SIZE), min_score, 0.3, 50)
         except cv2.error as error:
             raise DataError(f"OpenCV cannot load the face detector {model}: {str(error).strip().splitlines()[-1]}") from None
 
     def __call__(self, rgb: np.ndarray) -> list[Face]:
+        """The faces found, left to right."""
         import cv2
 
         height, width = rgb.shape[:2]
@@ -114,29 +134,23 @@ class Detector:
                              interpolation=cv2.INTER_AREA)
         self.net.setInputSize((bgr.shape[1], bgr.shape[0]))
         _, found = self.net.detect(bgr)
-        faces = []
-        for row in (found if found is not None else []):
-            x, y, w, h = (float(v) / scale for v in row[:4])
-            x0, y0 = max(0, int(round(x))), max(0, int(round(y)))
-            x1, y1 = min(width, int(round(x + w))), min(height, int(round(y + h)))
-            if x1 > x0 and y1 > y0:
-                faces.append(Face((x0, y0, x1 - x0, y1 - y0), float(row[-1])))
-        return sorted(faces, key=lambda f: -f.score)
+        faces = [Face(tuple(float(v) / scale for v in row[:4]), float(row[-1]), tuple(float(v) / scale for v in row[4:8]))
+                 for row in (found if found is not None else []) if row[2] > 0 and row[3] > 0]
+        return sorted(faces, key=lambda f: (f.box[0], f.box[1]))
 
 
-def crop(rgb: np.ndarray, box: tuple[int, int, int, int], size: int, margin: float = MARGIN) -> np.ndarray:
-    """A square around the face, `margin` of its larger side added on every side (edges padded by
-    repeating the border), resized to `size`."""
+def crop(rgb: np.ndarray, box: tuple[float, float, float, float], size: int, framing: Framing) -> np.ndarray:
+    """The part of the photo that puts the face where `framing` says training images had it (edges
+    padded by repeating the border), resized to `size` as decoding resizes training images."""
     x, y, w, h = box
-    side = max(w, h) * (1 + 2 * margin)
-    cx, cy = x + w / 2, y + h / 2
-    left, top = int(round(cx - side / 2)), int(round(cy - side / 2))
-    right, bottom = left + int(round(side)), top + int(round(side))
+    crop_w, crop_h = w / framing.width, h / framing.height
+    left = int(round(x + w / 2 - framing.cx * crop_w))
+    top = int(round(y + h / 2 - framing.cy * crop_h))
+    right, bottom = left + max(1, int(round(crop_w))), top + max(1, int(round(crop_h)))
     height, width = rgb.shape[:2]
     pad = max(0, -left, -top, right - width, bottom - height)
     padded = np.pad(rgb, ((pad, pad), (pad, pad), (0, 0)), mode="edge") if pad else rgb
-    square = padded[top + pad:bottom + pad, left + pad:right + pad]
-    return resize(square, size)
+    return resize(padded[top + pad:bottom + pad, left + pad:right + pad], size)
 
 
 def resize(rgb: np.ndarray, size: int) -> np.ndarray:

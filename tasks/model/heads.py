@@ -48,6 +48,11 @@ class Head:
         middles = self.midpoints
         return np.array([index.get(decade_label(int(a)), int(np.abs(a - middles).argmin())) for a in AGES])
 
+    def class_of_output(self, outputs: np.ndarray) -> np.ndarray:
+        """The class index of each output index (a year's decade, for the ages head)."""
+        outputs = np.asarray(outputs)
+        return self.year_to_class()[outputs] if self.kind == "ages" else outputs
+
     def targets(self, class_index: np.ndarray, ages: np.ndarray | None) -> np.ndarray:
         """What a batch is trained on: class indices, or ages in years."""
         return ages.astype(np.float32) if self.kind == "ages" else class_index

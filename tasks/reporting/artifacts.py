@@ -36,9 +36,10 @@ _LINK_SYNTAX = re.compile(r"([\\\[\]()`])")
 
 
 def cell_text(value) -> str:
-    """A table cell or column name as text: HTML escaped, link and code syntax backslash-escaped
-    (names such as `train_loss` stay as they are)."""
-    return _LINK_SYNTAX.sub(r"\\\1", html.escape(str(value), quote=True))
+    """A table cell or column name as text: `<`, `>` and `&` as HTML entities (the UI renders a
+    cell as HTML), link and code syntax backslash-escaped (names such as `train_loss` stay as
+    they are); quotes need nothing outside an attribute."""
+    return _LINK_SYNTAX.sub(r"\\\1", html.escape(str(value), quote=False))
 
 
 def safe_rows(rows: list[dict]) -> list[dict]:

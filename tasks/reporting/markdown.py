@@ -1,21 +1,26 @@
 """Markdown for reports: user strings escaped, tables, embedded images (Prefect's UI renders
-`data:image/png;base64` images in markdown artifacts)."""
+`data:image/png;base64` images in markdown artifacts).
+
+One rule for text that goes into markdown: every character with a meaning in CommonMark or its
+tables (`<`, `&`, `|`, brackets, emphasis, ...) is backslash-escaped, once, and nothing else is
+changed: a renderer shows the text as it was (an HTML entity such as `&#x27;` would show as
+written once its `&` or `#` is escaped).
+Line breaks become spaces: one value stays on its line, in its table cell."""
 
 from __future__ import annotations
 
 import base64
-import html
 import io
 import re
 from pathlib import Path
 
-_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+!|$~])")
+_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+!|$~<>&])")
+_BREAKS = re.compile(r"[\r\n\t\v\f]")
 
 
 def escape(text) -> str:
-    """Any user string (file name, label) as literal text: HTML escaped, markdown and table
-    syntax backslash-escaped."""
-    return _SPECIAL.sub(r"\\\1", html.escape(str(text), quote=True))
+    """Any string (file name, label, message) as literal markdown text."""
+    return _SPECIAL.sub(r"\\\1", _BREAKS.sub(" ", str(text)))
 
 
 def cell(value, digits: int = 3) -> str:
