@@ -6,7 +6,7 @@ baseline: a fresh process running a Prefect flow of as many trivial tasks, each 
           way (a cache-key function and a persisted JSON record).
 Both are run alternately, first in Prefect's ephemeral mode (each process starts its own
 temporary server, as `make demo` does) and then against a running `prefect server`. Also timed:
-`agelens status` (no Prefect, no torch). Targets (issue 9): ratio <= 1.2; status <= 2 s.
+`agelens status` (no Prefect, no torch). Targets: ratio <= 1.2; status <= 2 s.
 
     .venv/bin/python bench/cached_rerun.py [--repeats 5]
 """

@@ -8,7 +8,7 @@ now:    `tasks.explain.run`, the whole stage with its defaults: five CAM methods
         curves for every method and a random baseline, cascading randomisation (five steps for
         ConvNeXt) and the random-logit test.
 Both at the reference settings (ConvNeXt-Tiny at 224 px, 2 validation images each of 10s and
-60s), on the same model and images, in one process, alternately. Target (issue 12): <= 3x.
+60s), on the same model and images, in one process, alternately. Target: <= 3x.
 The mean Grad-CAM per class (the attention stage, over up to 100 val images per class) is a
 separate stage and is timed separately, for information.
 

@@ -1,6 +1,6 @@
 """How long extraction takes on the real CACD metadata with a same-sized image folder.
 
-Target (issue 2): under 3 s for 163,446 rows. The folder holds one empty file per row;
+Target: under 3 s for 163,446 rows. The folder holds one empty file per row;
 extraction only lists the folder, so file contents do not matter here.
 
     .venv/bin/python bench/extract_speed.py [--repeat 5]

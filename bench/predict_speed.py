@@ -5,7 +5,7 @@ agelens: `flows.predict.score` on image files: finding them, reading and decodin
 model alone: the same model and flip on the same images already decoded in memory
          (`tasks.model.inference.predict`): the ceiling for any tool.
 Both on the demo's 250x250 JPEGs without detection (`--no-detect`; with `--detect` and
-$AGELENS_FACE_MODEL set, YuNet runs too and is part of agelens' time). Target (issue 16): >= 80%.
+$AGELENS_FACE_MODEL set, YuNet runs too and is part of agelens' time). Target: >= 80%.
 
     .venv/bin/python bench/predict_speed.py [--backbone convnext_tiny --image-size 224] [--images 256] [--quick]
 """

@@ -8,8 +8,9 @@ difference in accuracy is noise; the intervals say how much is not.
     .venv/bin/python bench/quality.py --quick                  # a smoke run: 40 images per class, 2 epochs
 
 A setting is `name[:extra options]`; `name` is a recipe (reference, adamw, modern). Every setting starts
-from the measured command of issue 17: `--preset demo --per-class all --split-by image --test-frac
-0.1 --weights none --until evaluate` on ../shared/data/fairface/labels.csv.
+from `--preset demo --per-class all --split-by image --test-frac 0.1 --weights none --until evaluate`
+on a labels CSV of real faces (`--data`; by default FairFace's crops beside the checkout, in
+../shared/data/fairface/labels.csv).
 """
 
 from __future__ import annotations

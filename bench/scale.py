@@ -7,7 +7,7 @@ kept between runs), then runs, inside a memory cgroup,
 and reports the peak *anonymous* memory of the run's process tree (RssAnon, sampled; page cache
 and the memmapped array are not counted) next to the decoded array's size, and the decode rate
 against a plain PIL thread-pool decode of the same files measured in the same run.
-Targets (issue 10): peak anonymous memory <= 3 GB whatever N; decode >= 90% of plain PIL.
+Targets: peak anonymous memory <= 3 GB whatever N; decode >= 90% of plain PIL.
 
     .venv/bin/python bench/scale.py                      # all 163,446 images at 224 px
     .venv/bin/python bench/scale.py --images 20000 --image-size 112

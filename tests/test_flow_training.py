@@ -326,12 +326,12 @@ def test_predict_never_serves_a_damaged_champion(run, learnable_cacd, capsys, tm
              for p in pd.read_parquet(good["stages"]["evaluate"]["outputs"]["predictions"])["path"].head(3)]
     code = main(["predict", *files, "--no-detect", "--models", str(out), "--json"])
     captured = capsys.readouterr()
-    warning = [line for line in captured.err.splitlines() if line.startswith("agelens: warning:")]
-    assert len(warning) == 1 and "is damaged" in warning[0] and "Traceback" not in captured.err
+    said = [line for line in captured.err.splitlines() if line.startswith("agelens: ")]
+    assert len(said) == 1 and "is damaged" in said[0] and "Traceback" not in captured.err
     if len(stored) > 1:  # the earlier champion stands in
-        assert code == 0
+        assert code == 0 and said[0].startswith("agelens: warning:")
         served = {r["model"] for r in json.loads(captured.out)["faces"]}
         assert served == {next(r for r in stored if r["model_digest"] != champion["model_digest"])["model_digest"][:16]}
     else:
-        assert code == 1 and "no verified champion" in captured.err
+        assert code == 1 and said[0].startswith("agelens: error:") and "no verified champion" in said[0]
     assert worse["stages"]["compare"]["summary"]["decision"] == "keep"

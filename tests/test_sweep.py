@@ -68,8 +68,8 @@ def test_four_settings_share_their_upstream_and_a_rerun_is_cached(prefect_backen
     data = ["--data", str(small_cacd / "celebrity2000_meta.mat"), "--out", str(tmp_path / "out")]
     options = [*data, *(f"--{k.replace('_', '-')}={v}" for k, v in TINY.items())]
     first = sweep(capsys, *options, "--epochs", "1,2", "--lr", "1e-3,3e-4")
-    assert first["distinct_keys"] == {"extract": 1, "split": 1, "decode": 1, "train": 4, "calibrate": 4, "evaluate": 4,
-                                      "compare": 4}
+    assert first["distinct_keys"] == {"extract": 1, "split": 1, "framing": 1, "decode": 1, "train": 4, "calibrate": 4,
+                                      "evaluate": 4, "compare": 4}
     # decode was computed once: one stage folder, its result shared by the four runs.
     assert len([p for p in (tmp_path / "out" / "decode").iterdir() if p.is_dir()]) == 1
     assert sorted((r["epochs"], r["lr"]) for r in first["rows"]) == [(1, 3e-4), (1, 1e-3), (2, 3e-4), (2, 1e-3)]

@@ -33,6 +33,7 @@ class Scorer:
     facts: dict
     source: str  # what the model is, for people
     digest: str
+    warning: str | None = None  # what was wrong with the champion, when another model stands in
 
     @property
     def classes(self) -> list[str]:
@@ -52,6 +53,7 @@ def load_scorer(out: str | Path, config: str | None = None, run: str | None = No
     from agelens.tasks.model.inference import Runtime, prepare
 
     out = Path(out).expanduser().resolve()
+    warning = None
     if run:
         rows = [r for r in read_runs(out) if r["run_id"].startswith(run)]
         if len({r["run_id"] for r in rows}) != 1:
@@ -80,12 +82,11 @@ def load_scorer(out: str | Path, config: str | None = None, run: str | None = No
         config = config or found[0]
         with open_memo(out) as memo:
             served = models.serving(out, config, memo.file)
-        if served.warning:
-            print(f"agelens: warning: {served.warning}", file=sys.stderr)
+        warning = served.warning
         champion = served.record
         if champion is None:
-            raise AgelensError(f"configuration {config} has no verified champion in {out} (see agelens models --out "
-                               f"{out} --verify)")
+            raise AgelensError(f"configuration {config} has no verified champion in {out}: {warning or 'none recorded'} "
+                               f"(see agelens models --out {out} --verify)")
         facts, digest = champion["facts"], champion["model_digest"]
         weights = models.weights_of(out, config, champion)
         source = (f"champion of configuration {config} (run {champion['run_id'][:8]})" if not served.warning else
@@ -97,7 +98,7 @@ def load_scorer(out: str | Path, config: str | None = None, run: str | None = No
     except (OSError, RuntimeError, ValueError) as error:  # checked above; the file changed since
         raise AgelensError(f"cannot load the model {weights}: {str(error).splitlines()[0]}") from None
     return Scorer(prepare(model, runtime).eval(), runtime, Head(facts["head"], tuple(facts["classes"])), facts,
-                  source, digest)
+                  source, digest, warning)
 
 
 def _faces(path: Path, detector, size: int, framing) -> tuple[list[tuple[np.ndarray, dict]], str | None]:
@@ -237,6 +238,8 @@ def write(rows: list[dict], target: Path) -> None:
 def main_predict(args) -> int:
     """`agelens predict PATH...`"""
     scorer = load_scorer(args.models, args.config, args.run, args.device)
+    if scorer.warning:
+        print(f"agelens: warning: {scorer.warning}", file=sys.stderr)
     rows, skipped = score(args.paths, scorer, detect=not args.no_detect, face_model=args.face_model,
                           batch_size=args.batch_size, explain=Path(args.explain) if args.explain else None,
                           progress=not args.json)
