@@ -14,8 +14,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from tests.harness import REPO, PrefectServer
-
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.harness import REPO, PrefectServer  # noqa: E402
 
 
 def screenshot(url: str, target: Path, height: int) -> None:
