@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import shlex
 import sys
 import time
 import types
@@ -31,7 +33,8 @@ class OneLineParser(argparse.ArgumentParser):
     def error(self, message: str):
         if OneLineParser.wants_json:
             print(json.dumps({"error": message, "kind": "ConfigError", "exit_code": 2}))
-        self.exit(2, f"agelens: error: {message} (see agelens {self.prog.split()[-1]} --help)\n")
+        command = " ".join(self.prog.split()[1:])  # "" for agelens itself
+        self.exit(2, f"agelens: error: {message} (see agelens {command + ' ' if command else ''}--help)\n")
 
 
 def _add_settings(parser: argparse.ArgumentParser, sweep: bool = False) -> None:
@@ -135,10 +138,18 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # telemetry needs a network
     if args.debug:
         os.environ["AGELENS_DEBUG"] = "1"  # the flow then keeps Prefect's tracebacks too
+    from agelens.flows.service.interrupt import Interrupted, stop_on_signals
+
     try:
-        code = COMMANDS[args.command](args)
+        with stop_on_signals():  # Ctrl-C or SIGTERM before a run starts (imports, the server starting)
+            code = COMMANDS[args.command](args)
         sys.stdout.flush()  # a reader that closed the pipe early shows here, not at exit
         return code
+    except Interrupted as stop:
+        print("\nagelens: interrupted before any work started; nothing was changed", file=sys.stderr, flush=True)
+        if args.json:
+            print(json.dumps({"error": "interrupted", "kind": "Interrupted", "exit_code": 128 + stop.signum}))
+        return 128 + stop.signum
     except AgelensError as error:
         if args.debug:
             raise
@@ -226,10 +237,19 @@ def precheck(settings: RunSettings) -> None:
         preflight.check_run(settings, out, Inputs.of(settings, memo, make_demo=False))
 
 
-def run_command(args) -> int:
-    settings = settings_from(args)
+def check_task_runner(args) -> None:
     if args.dask_address and args.task_runner != "dask":
         raise ConfigError("--dask-address needs --task-runner dask")
+    if args.task_runner == "dask":
+        import importlib.util
+
+        if importlib.util.find_spec("prefect_dask") is None:
+            raise ConfigError("--task-runner dask needs the dask extra: pip install 'agelens[dask]'")
+
+
+def run_command(args) -> int:
+    settings = settings_from(args)
+    check_task_runner(args)
     precheck(settings)
     from agelens.flows.pipeline.flow import with_task_runner
 
@@ -244,8 +264,13 @@ def sweep_command(args) -> int:
 
     given = {name: getattr(args, name) for name in RunSettings.model_fields if getattr(args, name, None) is not None}
     settings = expand(given, read_settings_file(args.settings_file) if args.settings_file else None)
-    if args.dask_address and args.task_runner != "dask":
-        raise ConfigError("--dask-address needs --task-runner dask")
+    from agelens.flows.pipeline.graph import STAGE_NAMES
+
+    early = sorted({s.until for s in settings if STAGE_NAMES.index(s.until) < STAGE_NAMES.index("evaluate")})
+    if early:
+        raise ConfigError(f"--until {', '.join(early)}: a sweep compares the settings' accuracy, so it runs to "
+                          "evaluate at least")
+    check_task_runner(args)
     for each in settings:
         precheck(each)
     from agelens.flows.sweep.grid import describe as describe_sweep
@@ -426,9 +451,16 @@ def predict_command(args) -> int:
     return main_predict(args)
 
 
+DEPLOYMENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._-]{0,99}")
+
+
 def deploy_command(args) -> int:
     from prefect.settings import get_current_settings
 
+    for flag, name in (("--name", args.name), ("--pool", args.pool)):
+        if not DEPLOYMENT_NAME.fullmatch(name) or name != name.strip():
+            raise ConfigError(f"{flag} {shlex.quote(name)}: a name is letters, digits, spaces, '.', '_' and '-', "
+                              "starting with a letter or digit (at most 100 characters)")
     settings = settings_from(args)
     url = get_current_settings().api.url
     if not url:
@@ -441,8 +473,8 @@ def deploy_command(args) -> int:
 
     names = deploy(settings, args.name, args.pool)
     print("deployed " + ", ".join(names) + f" to work pool {args.pool} on {url}; start a worker with:\n"
-          f"  prefect worker start --pool {args.pool}\nand score a folder of photos with the champion model with:\n"
-          f"  prefect deployment run predict/{args.name} --param folder=/path/to/photos\n"
+          f"  prefect worker start --pool {shlex.quote(args.pool)}\nand score a folder of photos with the champion "
+          f"model with:\n  prefect deployment run {shlex.quote('predict/' + args.name)} --param folder=/path/to/photos\n"
           f"The workers' face detector ({YUNET.name}) comes from ${YUNET.local_env} on the worker, else its cache "
           f"({YUNET.cached} for this user), else {source_url(YUNET)} on first use (${MIRROR_ENV} names a mirror); "
           "on workers without internet run `agelens fetch-models` first.")

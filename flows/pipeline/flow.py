@@ -57,12 +57,29 @@ def _study(settings: RunSettings, log, run_id: str, scope: str | None) -> dict:
             if "extract" in results and "split" not in results:
                 preflight.check_classes(settings, results["extract"]["meta"]["classes"], will_run)
 
-        runner.run(selected(settings.until), after_level)
+        try:
+            runner.run(selected(settings.until), after_level)
+        except BaseException:
+            empty_records_removed(out)
+            raise
         row = finish(settings, out, inputs, runner.results, runner.states, run_id, scope)
     log.info("stages: %s", runner.states)
     return {"settings": settings.dump(), "out": str(out), "run": row,
             "stages": {stage.name: described(out, runner.results[stage.name], runner.states[stage.name])
                        for stage in selected(settings.until)}}
+
+
+def empty_records_removed(out: Path) -> None:
+    """Prefect records a failed task's error at the top of the result storage; on a full disk that
+    record is an empty file, which nothing can read: it goes."""
+    from agelens.flows.service.gc import PREFECT_RECORD
+
+    for path in out.iterdir():
+        try:
+            if PREFECT_RECORD.match(path.name) and path.is_file() and path.stat().st_size == 0:
+                path.unlink()
+        except OSError:
+            continue
 
 
 def described(out: Path, result: dict, state: str) -> dict:

@@ -22,6 +22,7 @@ from prefect import task
 from agelens.flows.pipeline.graph import components, context, key_of, levels
 from agelens.flows.pipeline.inputs import Inputs
 from agelens.flows.service.locks import locked, stage_lock
+from agelens.tasks.core.errors import full_disk
 from agelens.tasks.core.stage import Job, damage, read_result
 
 
@@ -37,7 +38,13 @@ def run_stage(job: dict) -> dict:
     done = read_result(work.out, work.stage, work.key)  # complete, but Prefect's record was lost
     if done is not None:
         return done
-    return importlib.import_module(f"agelens.tasks.{work.stage}").run(work)
+    try:
+        return importlib.import_module(f"agelens.tasks.{work.stage}").run(work)
+    except Exception as error:
+        full = full_disk(error, work.out)
+        if full is None:
+            raise
+        raise full from None
 
 
 def stage_task(name: str, out: Path):

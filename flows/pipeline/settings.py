@@ -115,6 +115,18 @@ class RunSettings(BaseModel):
             raise ValueError("must name at least one item")
         return value
 
+    @field_validator("data", "images", "out", "weights")
+    @classmethod
+    def _utf8_path(cls, value: str | None) -> str | None:
+        """A path with bytes that are not UTF-8 cannot travel as a Prefect parameter (JSON)."""
+        try:
+            value is None or value.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+            raise ValueError(f"{shown} holds bytes that are not UTF-8, which a Prefect run cannot carry; "
+                             "rename it, or reach it through a link with a UTF-8 name") from None
+        return value
+
     @field_validator("device")
     @classmethod
     def _device(cls, value: str) -> str:
@@ -160,8 +172,8 @@ def parse_settings(values: dict) -> RunSettings:
             if problems.get(name):
                 message = message.removeprefix("Input should be ")
             problems.setdefault(name, []).append(message)
-            if item["loc"] and not isinstance(item["input"], dict):
-                given[name] = item["input"]
+            if item["loc"] and not isinstance(item["input"], dict) and item["type"] != "value_error":
+                given[name] = item["input"]  # a value error names what it got itself
         raise ConfigError("; ".join(f"{name}: {' or '.join(dict.fromkeys(messages))}"
                                     + (f" (got {given[name]!r})" if name in given else "")
                                     for name, messages in problems.items())) from None

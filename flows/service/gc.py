@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 from agelens.flows.pipeline.graph import STAGE_NAMES
-from agelens.flows.service.locks import Busy, active_lock, locked
+from agelens.flows.service.locks import Busy, NoLock, active_lock, locked
 from agelens.flows.pipeline.runs import read_runs
 from agelens.tasks.core.errors import AgelensError
 
@@ -52,6 +52,9 @@ def collect(out: str | Path, keep_last: int = 5, dry_run: bool = False) -> dict:
     out = Path(out).expanduser().resolve()
     if not out.is_dir():
         raise AgelensError(f"--out {out} is not a folder")
+    if not active_lock(out).parent.is_dir():  # every run makes it first: what has none is not ours to clean
+        raise AgelensError(f"--out {out} is not an agelens output folder (it has no {active_lock(out).parent.name}/): "
+                           "gc removes nothing there")
     try:
         with locked(active_lock(out), wait=False):
             doomed, kept_runs = candidates(out, keep_last)
@@ -64,9 +67,10 @@ def collect(out: str | Path, keep_last: int = 5, dry_run: bool = False) -> dict:
                         path.unlink(missing_ok=True)
     except Busy:
         raise AgelensError(f"a run is using {out}; gc removes nothing while runs are active (try again later)") from None
-    except OSError as error:  # the lock cannot even be created: a read-only folder
+    except (OSError, NoLock) as error:  # the lock cannot even be created: a read-only folder
         if not dry_run:
-            raise AgelensError(f"--out {out} cannot be written ({error.strerror or error}): gc removes nothing") from None
+            reason = error.strerror if isinstance(error, OSError) else "no lock can be taken there"
+            raise AgelensError(f"--out {out} cannot be written ({reason}): gc removes nothing") from None
         doomed, kept_runs = candidates(out, keep_last)
         sizes = {p: _size(p) for p in doomed}
     return {"out": str(out), "kept_runs": kept_runs, "dry_run": dry_run, "removed": [str(p) for p in doomed],

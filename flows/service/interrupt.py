@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -25,6 +26,17 @@ class Interrupted(BaseException):
 
 def _raise(signum, frame):
     raise Interrupted(signum)
+
+
+@contextmanager
+def stop_on_signals():
+    """SIGINT and SIGTERM raise Interrupted in this (the main) thread while the block runs."""
+    previous = {s: signal.signal(s, _raise) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def run_interruptibly(work, on_interrupt) -> object:

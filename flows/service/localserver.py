@@ -84,12 +84,14 @@ def shared_server():
 
 
 def _start(state: Path) -> dict:
+    print("agelens: starting the local Prefect server (it stays up a minute after its last user) ...",
+          file=sys.stderr, flush=True)
     port = _free_port()
     (state / "server.json").unlink(missing_ok=True)
     log = open(state / "server.log", "ab")
     supervisor = subprocess.Popen([sys.executable, "-m", "agelens.flows.service.localserver", str(state), str(port)],
                                   stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
-                                  cwd=str(Path(__file__).resolve().parents[1]))
+                                  cwd=str(state))
     log.close()
     url = f"http://127.0.0.1:{port}/api"
     deadline = time.monotonic() + STARTUP_SECONDS

@@ -8,16 +8,26 @@ import os
 from contextlib import contextmanager
 from pathlib import Path
 
+from agelens.tasks.core.errors import AgelensError
+
 
 class Busy(Exception):
     """A non-blocking lock is held by another process."""
 
 
+class NoLock(AgelensError):
+    """The lock file cannot be created: a read-only folder, or a file where a folder should be."""
+
+
 @contextmanager
 def locked(path: str | os.PathLike, shared: bool = False, wait: bool = True):
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = open(path, "a+")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path, "a+")
+    except OSError as error:
+        raise NoLock(f"cannot take the lock {path}: {error.strerror or type(error).__name__} "
+                           "(agelens needs to write in that folder)") from None
     try:
         mode = (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if wait else fcntl.LOCK_NB)
         try:

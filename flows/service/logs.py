@@ -16,8 +16,10 @@ def _keep(record: logging.LogRecord) -> bool:
 
 
 def _keep_for_cli(record: logging.LogRecord) -> bool:
-    """The CLI prints the error line itself."""
-    return _keep(record) and not record.getMessage().startswith(ONE_LINE)
+    """The CLI prints the error line itself, and says when a disk is full (Prefect warns that it
+    could not write a failed task's record: the API log keeps that)."""
+    message = record.getMessage()
+    return _keep(record) and not message.startswith(ONE_LINE) and not message.startswith("Failed to write result")
 
 
 def quiet_expected_errors(cli: bool = False) -> None:

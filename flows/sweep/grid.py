@@ -40,9 +40,11 @@ def read_settings_file(path: str) -> list[dict]:
 
     file = Path(path).expanduser()
     try:
-        loaded = yaml.safe_load(file.read_text())  # JSON is YAML too
+        loaded = yaml.safe_load(file.read_bytes().decode("utf-8-sig"))  # JSON is YAML too
     except OSError as error:
         raise ConfigError(f"--settings-file {file}: {error.strerror or error}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"--settings-file {file} is not JSON or YAML: it is not UTF-8 text") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"--settings-file {file} is not JSON or YAML: {str(error).splitlines()[0]}") from None
     if isinstance(loaded, dict) and isinstance(loaded.get("settings"), list):
@@ -56,6 +58,10 @@ def read_settings_file(path: str) -> list[dict]:
         unknown = sorted(set(entry) - known)
         if unknown:
             raise ConfigError(f"--settings-file {file}, setting {i}: no option {', '.join(unknown)}")
+        for name, value in entry.items():  # YAML's true is not an epoch count
+            if isinstance(value, bool) and RunSettings.model_fields[name].annotation is not bool:
+                raise ConfigError(f"--settings-file {file}, setting {i}: {option(name)} {str(value).lower()} is not "
+                                  "a value of that option")
     return loaded
 
 

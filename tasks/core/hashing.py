@@ -78,6 +78,16 @@ def _create(db: sqlite3.Connection) -> sqlite3.Connection:
     return db
 
 
+def _key(path: str) -> str:
+    """A path as SQLite text: itself, or its bytes in hex where they are not UTF-8 (SQLite text
+    cannot hold the surrogates Python decodes such bytes to)."""
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return "bytes:" + path.encode("utf-8", "surrogateescape").hex()
+
+
 class HashMemo:
     """sha256 of files, remembered by (path, size, mtime, ctime, inode)."""
 
@@ -124,23 +134,24 @@ class HashMemo:
         missing or non-regular file."""
         paths = [os.path.abspath(p) for p in paths]
         stats = [regular_stat(p) for p in paths]
+        keys = [_key(p) for p in paths]
         known: dict[str, tuple] = {}
-        for start in range(0, len(paths), _SQL_VARIABLES):
-            chunk = paths[start : start + _SQL_VARIABLES]
+        for start in range(0, len(keys), _SQL_VARIABLES):
+            chunk = keys[start : start + _SQL_VARIABLES]
             marks = ",".join("?" * len(chunk))
             rows = self._db.execute(f"SELECT path, size, mtime_ns, ctime_ns, inode, sha256 FROM file_stat_hash "
                                     f"WHERE path IN ({marks})", chunk)
             known.update({row[0]: row[1:] for row in rows})
         digests, fresh = [], []
-        for path, st in zip(paths, stats):
+        for path, key, st in zip(paths, keys, stats):
             mark = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
-            hit = known.get(path)
+            hit = known.get(key)
             if hit and tuple(hit[:4]) == mark:
                 digests.append(hit[4])
                 continue
             digest = sha256_file(path)
             digests.append(digest)
-            fresh.append((path, *mark, digest))
+            fresh.append((key, *mark, digest))
         if fresh:
             self._write("INSERT OR REPLACE INTO file_stat_hash VALUES (?,?,?,?,?,?)", fresh)
         return digests

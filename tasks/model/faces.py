@@ -9,6 +9,7 @@ user's cache and checked against its sha256 (tasks/core/downloads.py); `--face-m
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from agelens.tasks.data.decoding import _as_rgb
 from agelens.tasks.data.sources import IMAGE_SUFFIXES
 
 DETECT_SIZE = 640  # the longest side a photo is detected at
+MAX_SIDE = 2048  # larger JPEGs are decoded reduced
 MIN_SCORE = 0.6
 
 
@@ -51,12 +53,18 @@ def check_file(path: Path) -> None:
 
 
 def read_image(path: Path) -> np.ndarray:
-    """RGB uint8 (H, W, 3) as the photo is meant to be seen; DataError with the reason otherwise."""
+    """RGB uint8 (H, W, 3) as the photo is meant to be seen; DataError with the reason otherwise.
+    A JPEG larger than MAX_SIDE is decoded reduced (JPEG's draft mode): faces are found at
+    DETECT_SIZE and cropped to a model's input, far fewer pixels than a 12000 px photo holds."""
     check_file(path)
     try:
-        with Image.open(path) as image:
-            image = ImageOps.exif_transpose(image)
-            return np.asarray(_as_rgb(image), dtype=np.uint8)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # large photos are expected here
+            with Image.open(path) as image:
+                if image.format == "JPEG" and max(image.size) > MAX_SIDE:
+                    image.draft("RGB", (MAX_SIDE, MAX_SIDE))
+                image = ImageOps.exif_transpose(image)
+                return np.asarray(_as_rgb(image), dtype=np.uint8)
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
         raise DataError(f"not a readable image ({type(error).__name__})") from None
 
@@ -115,6 +123,8 @@ class Detector:
     def __init__(self, model: Path, min_score: float = MIN_SCORE):
         import cv2
 
+        # OpenCV 5 warns on every net that its new graph engine ignores the preferred target.
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
         try:
             self.net = cv2.FaceDetectorYN.create(str(model), "", (DETECT_SIZE, DETECT_SIZE), min_score, 0.3, 50)
         except cv2.error as error:

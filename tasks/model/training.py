@@ -146,8 +146,11 @@ def evaluate(model, array: np.ndarray, labels: np.ndarray, rows: np.ndarray, run
 
 def _save_atomic(obj, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
