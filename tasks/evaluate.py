@@ -127,7 +127,13 @@ def describe(s: EvaluateSummary) -> str:
     split, m = s.headline
     years = f", MAE {m.mae_years:.1f} y" if m.mae_years is not None else ""
     return (f"{split} acc {m.accuracy:.3f} [{m.accuracy_ci[0]:.3f}, {m.accuracy_ci[1]:.3f}] macro-F1 {m.macro_f1:.3f}"
-            f"{years}, ECE {m.ece:.3f}" + ("" if s.test is not None else " (no test split: validation chose the epoch)"))
+            f"{years}, ECE {m.ece:.3f}" + (f" (worse than {m.ece_uncalibrated:.3f} uncalibrated)" if worse(m) else "")
+            + ("" if s.test is not None else " (no test split: validation chose the epoch)"))
+
+
+def worse(m) -> bool:
+    """Whether the temperature fitted on validation left the headline split less calibrated."""
+    return m.ece_uncalibrated is not None and m.ece > m.ece_uncalibrated
 
 
 def report_section(view) -> list[str]:
@@ -147,7 +153,10 @@ def report_section(view) -> list[str]:
         lead += f", age error **{_ci(m.mae_years, m.mae_years_ci, 2)} years** (CS5 {_ci(m.cs5, m.cs5_ci)})"
     parts = [lead + ".", table(_rows(s)),
              f"## Calibration\n\nOne temperature, fitted on validation: T = {s.temperature:.2f}. Expected calibration "
-             f"error on {escape(split)}: {m.ece_uncalibrated:.3f} before, {m.ece:.3f} after.",
+             f"error on {escape(split)}: {m.ece_uncalibrated:.3f} before, {m.ece:.3f} after"
+             + (": **worse** — the temperature fitted on validation does not carry over to these images (a small "
+                "validation split, or a model that changed between epochs); predict's probabilities are less "
+                "trustworthy." if worse(m) else "."),
              image(view.path("reliability"), "reliability diagram", 560),
              f"## Confusion matrix ({escape(split)}, normalised per actual class)",
              image(view.path(f"confusion_{split}"), "confusion heatmap"),

@@ -33,9 +33,10 @@ def run(job: Job) -> dict:
                                       settings["split_by"], settings["val_frac"], settings["test_frac"])
     for warning in summary["warnings"]:
         log.warning(warning)
-    log.info("split %d images by %s: %s; identities shared between splits: %d", summary["images"],
-             settings["split_by"], {s: sum(c.values()) for s, c in summary["per_class_per_split"].items()},
-             summary["shared_identities"])
+    log.info("split %d images by %s: %s%s", summary["images"], settings["split_by"],
+             {s: sum(c.values()) for s, c in summary["per_class_per_split"].items()},
+             f"; identities shared between splits: {summary['shared_identities']}" if settings["split_by"] == "identity"
+             else "")
     with job.output() as out:
         manifest.to_parquet(out.path("manifest.parquet"), index=False)
         out.add("manifest", "manifest.parquet")
@@ -48,7 +49,8 @@ def _rows(s: SplitSummary) -> list[dict]:
 
 def describe(s: SplitSummary) -> str:
     per_split = {k: sum(v.values()) for k, v in s.per_class_per_split.items()}
-    return f"drawn {sum(s.per_class.values())} ({per_split}), shared identities {s.shared_identities}"
+    shared = f", shared identities {s.shared_identities}" if s.split_by == "identity" else ", split by image"
+    return f"drawn {sum(s.per_class.values())} ({per_split}){shared}"
 
 
 def report_section(view) -> list[str]:
@@ -56,8 +58,9 @@ def report_section(view) -> list[str]:
 
     s = view.summary
     drawn = ", ".join(f"{escape(c)} {n}" for c, n in s.per_class.items())
-    return ["## Data", f"Drawn per class: {drawn}; split by {escape(s.split_by)}. Identities shared between "
-                       f"splits: {s.shared_identities}.", table(_rows(s))]
+    shared = f" Identities shared between splits: {s.shared_identities}." if s.split_by == "identity" else \
+        " Each image is its own identity: one person's photos may be in several splits."
+    return ["## Data", f"Drawn per class: {drawn}; split by {escape(s.split_by)}.{shared}", table(_rows(s))]
 
 
 def tables(view) -> list:

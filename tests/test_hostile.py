@@ -47,7 +47,7 @@ def test_a_stop_in_the_first_seconds_is_one_line_and_its_exit_code(tmp_path, sig
     """Ctrl-C or SIGTERM while the run still imports and checks (before any flow runs)."""
     proc = subprocess.Popen([sys.executable, "-m", "agelens", "run", "--out", str(tmp_path / "o")], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PREFECT_API_URL": "http://127.0.0.1:9/api"})
+                            env={**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")})
     time.sleep(1.5)  # in the checks before work (torch is being imported)
     began = time.monotonic()
     proc.send_signal(signum)
@@ -148,6 +148,15 @@ def test_the_dask_runner_without_its_extra_says_which_to_install(monkeypatch, ca
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "prefect_dask" else real(name, *a))
     assert code_of(["run", "--task-runner", "dask", "--until", "extract"]) == 2
     assert "pip install 'agelens[dask]'" in one_line(capsys)
+
+
+def test_an_unreachable_server_is_said_before_the_slow_checks(tmp_path):
+    began = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "agelens", "run", "--out", str(tmp_path / "o"), "--until", "split"],
+                          cwd=REPO, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PREFECT_API_URL": "http://127.0.0.1:9/api"})
+    assert proc.returncode == 2 and time.monotonic() - began < 10, proc.stderr
+    assert proc.stderr.startswith("agelens: error: cannot reach the Prefect server at http://127.0.0.1:9/api")
 
 
 def test_paths_that_are_not_utf8_are_one_line(tmp_path, capsys):

@@ -211,6 +211,15 @@ def prefect_api():
         yield local
 
 
+def check_configured_server() -> None:
+    """A configured server (PREFECT_API_URL, or the profile's) that does not answer is one line now."""
+    from prefect.settings import get_current_settings
+
+    url = get_current_settings().api.url
+    if url:
+        check_reachable(url)
+
+
 def check_reachable(url: str) -> None:
     import httpx
 
@@ -250,6 +259,7 @@ def check_task_runner(args) -> None:
 def run_command(args) -> int:
     settings = settings_from(args)
     check_task_runner(args)
+    check_configured_server()  # in a second, before the slower checks
     precheck(settings)
     from agelens.flows.pipeline.flow import with_task_runner
 
@@ -271,6 +281,7 @@ def sweep_command(args) -> int:
         raise ConfigError(f"--until {', '.join(early)}: a sweep compares the settings' accuracy, so it runs to "
                           "evaluate at least")
     check_task_runner(args)
+    check_configured_server()
     for each in settings:
         precheck(each)
     from agelens.flows.sweep.grid import describe as describe_sweep

@@ -57,7 +57,11 @@ class Inputs:
     @functools.cached_property
     def located(self) -> tuple[Path, str, Path]:
         """(metadata file or label-folder root, its format, image root)."""
-        source = Path(self.data).expanduser().resolve()
+        given = Path(self.data).expanduser()
+        if given.is_fifo():  # `--data <(cat labels.csv)`
+            raise DataError(f"--data {given} is a pipe: agelens reads the metadata more than once (to key the run, "
+                            "then to extract it); save it to a file first")
+        source = given.resolve()
         fmt = detect_format(source)
         root = Path(self.images_option).expanduser().resolve() if self.images_option else default_image_root(source, fmt)
         if not root.is_dir():

@@ -116,6 +116,9 @@ def split_summary(manifest: pd.DataFrame, classes: list[str]) -> dict:
     }
 
 
+MIN_TRAIN_PER_CLASS = 10  # fewer training images of a class than this is said
+
+
 def make_manifest(table: pd.DataFrame, classes: list[str], per_class: int | str, seed: int, split_by: str,
                   val_frac: float, test_frac: float) -> tuple[pd.DataFrame, dict]:
     sampled, warnings = sample_per_class(table, per_class, seed)
@@ -134,5 +137,9 @@ def make_manifest(table: pd.DataFrame, classes: list[str], per_class: int | str,
     split[~test] = assign(rest, fractions, seed) if len(rest) else []
     sampled["split"] = split.astype(str)
     summary = split_summary(sampled, classes)
+    few = {c: n for c, n in summary["per_class_per_split"].get("train", {}).items() if n < MIN_TRAIN_PER_CLASS}
+    if few:
+        warnings.append(f"only {', '.join(f'{n} training images of class {c}' for c, n in few.items())}: val_frac "
+                        f"{val_frac} and test_frac {test_frac} leave little to train on")
     summary.update(split_by=split_by, warnings=warnings, test_frac=test_frac)
     return sampled, summary

@@ -46,6 +46,8 @@ def find_images(paths: list[str]) -> tuple[list[Path], list[dict]]:
 
 def check_file(path: Path) -> None:
     """DataError with the reason when `path` cannot hold a picture: not a regular file, or empty."""
+    if path.is_symlink() and not path.exists():
+        raise DataError("a symbolic link to nothing (or to itself)")
     if not path.is_file():
         raise DataError("not a regular file")
     if path.stat().st_size == 0:
