@@ -64,3 +64,19 @@ def test_out_that_cannot_be_written_is_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(Path, "mkdir", refuse)
     with pytest.raises(ConfigError, match="cannot be written: Read-only file system"):
         writable_out(str(tmp_path / "new"))
+
+
+def test_the_terminal_table_names_what_tells_runs_apart_and_folds_cached_reruns(tmp_path, capsys):
+    out = tmp_path / "out"
+    first = row("a1b2c3d4e5", 20, 0.5, 32, backbone="resnet10", epochs=12, lr=0.002, recipe="modern")
+    runs.append_run(out, first)
+    for k in range(2):  # the same command again: every stage cached
+        runs.append_run(out, {**first, "run_id": f"c{k}" * 5, "states": {"train": "Cached"}})
+    runs.append_run(out, row("f6a7b8c9d0", 20, 0.625, 32, epochs=24, lr=0.001))
+    assert main(["runs", "--out", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3 and max(map(len, lines)) <= 140
+    newest, oldest = lines[1].split(), lines[2].split()
+    assert newest[0] == "f6a7b8c9" and "24ep" in newest and "0.001" in newest and newest[-1] == "0"
+    assert oldest[0] == "a1b2c3d4" and "resnet10" in oldest and "modern" in oldest and oldest[-1] == "2"
+    assert "20 each" in lines[2]

@@ -198,7 +198,7 @@ def _has_request(error) -> bool:
 def prefect_api():
     """The Prefect API this command uses: the configured server (checked to answer), or the
     shared local one (flows/service/localserver.py), for as long as the block runs."""
-    from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
+    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, get_current_settings, temporary_settings
 
     url = get_current_settings().api.url
     if url:
@@ -207,7 +207,8 @@ def prefect_api():
         return
     from agelens.flows.service.localserver import shared_server
 
-    with shared_server() as local, temporary_settings(updates={PREFECT_API_URL: local}):
+    # The local server has no UI and stops a minute after its last user: no "View at" links to it.
+    with shared_server() as local, temporary_settings(updates={PREFECT_API_URL: local, PREFECT_UI_URL: ""}):
         yield local
 
 
@@ -370,7 +371,7 @@ def runs_command(args) -> int:
     elif not rows:
         print(f"no completed runs recorded in {os.path.abspath(args.out)}")
     else:
-        table = runs.table_rows(rows, limit=len(rows))
+        table = runs.compact_rows(rows)
         widths = {k: max(len(k), *(len(_text(r[k])) for r in table)) for k in table[0]}
         print("  ".join(k.ljust(w) for k, w in widths.items()))
         for r in table:

@@ -106,3 +106,34 @@ def table_rows(rows: list[dict], limit: int = 30) -> list[dict]:
                     "macro-F1": m.get("macro_f1"), "within one": m.get("within_one"), "MAE (years)": m.get("mae_years"),
                     "best epoch": r.get("best_epoch"), "training s": r.get("training_seconds")})
     return out
+
+
+def _drawn(drawn: dict | None) -> str:
+    counts = set((drawn or {}).values())
+    if len(counts) == 1:
+        return f"{counts.pop()} each"
+    return ", ".join(f"{c} {n}" for c, n in (drawn or {}).items())
+
+
+def compact_rows(rows: list[dict]) -> list[dict]:
+    """The run table for a terminal, newest first: the settings that tell runs apart, the headline
+    metric with its interval, and a rerun that computed nothing folded into the run it repeated."""
+    first: dict[tuple, dict] = {}
+    shown = []
+    for r in rows:
+        same = tuple(sorted(r["stages"].items()))
+        if set(r.get("states", {}).values()) == {"Cached"} and same in first:
+            first[same]["reruns"] += 1
+            continue
+        s, (split, m) = r["settings"], headline(r)
+        ci = m.get("accuracy_ci")
+        accuracy = "-" if m.get("accuracy") is None else f"{split} {m['accuracy']:.3f}" + (
+            f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+        entry = {"run": r["run_id"][:8], "time": r["time"][5:16].replace("T", " "), "data": (r.get("fingerprint") or "")[:8],
+                 "drawn": _drawn(r.get("drawn")), "model": f"{s.get('backbone')} {s.get('image_size')}px",
+                 "training": f"{s.get('recipe')} {s.get('epochs')}ep lr {s.get('lr')} {s.get('head')}",
+                 "accuracy": accuracy,
+                 "MAE y": f"{m['mae_years']:.1f}" if m.get("mae_years") is not None else "-", "reruns": 0}
+        first.setdefault(same, entry)
+        shown.append(entry)
+    return list(reversed(shown))
