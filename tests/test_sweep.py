@@ -2,6 +2,7 @@
 together, one comparison; cached like any run; on a Dask cluster too."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -87,6 +88,8 @@ def test_four_settings_share_their_upstream_and_a_rerun_is_cached(prefect_backen
     assert [s for s, r in zip(trained, again["rows"]) if r["epochs"] == 3] == ["Completed", "Completed"]
     assert [s for s, r in zip(trained, again["rows"]) if r["epochs"] < 3] == ["Cached"] * 4  # only the added value ran
     assert {s["decode"] for s in again["states"]} == {"Cached"}
+    assert again["computed"]["train"] == 2 and again["distinct_keys"]["train"] == 6  # cached trainings not counted
+    assert again["plot"] and Path(again["plot"]).is_file()
     before = {(r["epochs"], r["lr"]): r["accuracy"] for r in first["rows"]}
     assert {(r["epochs"], r["lr"]): r["accuracy"] for r in again["rows"] if r["epochs"] < 3} == before
 

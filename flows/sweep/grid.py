@@ -167,15 +167,18 @@ def sweep_flow_fn(settings: list[RunSettings]) -> dict:
     table, best = comparison(settings, runners, rows)
     distinct = {stage.name: len({r.results[stage.name]["key"] for r in runners if stage.name in r.results})
                 for stage in selected(settings[0].until)}
-    result = {"out": str(out), "varied": varied(settings), "rows": table, "best": None if best is None else best + 1,
-              "distinct_keys": distinct, "states": [r.states for r in runners]}
-    publish_comparison(out, settings, table, best, deployment.name)
-    return result
+    computed = {stage.name: len({r.results[stage.name]["key"] for r in runners
+                                 if stage.name in r.results and r.states.get(stage.name) != "Cached"})
+                for stage in selected(settings[0].until)}
+    plot = publish_comparison(out, settings, table, best, deployment.name)
+    return {"out": str(out), "varied": varied(settings), "rows": table, "best": None if best is None else best + 1,
+            "distinct_keys": distinct, "computed": computed, "states": [r.states for r in runners],
+            "plot": None if plot is None else str(plot)}
 
 
 def publish_comparison(out: Path, settings: list[RunSettings], table: list[dict], best: int | None,
-                       scope: str | None) -> None:
-    """The comparison as a table artifact and a markdown artifact with the plot."""
+                       scope: str | None) -> Path | None:
+    """The comparison as a table artifact and a markdown artifact with the plot; the plot's file."""
     from agelens.tasks.core.hashing import sha256_json
     from agelens.tasks.core.stage import atomic_write_bytes
     from agelens.tasks.reporting.artifacts import publish_markdown, publish_run
@@ -208,6 +211,7 @@ def publish_comparison(out: Path, settings: list[RunSettings], table: list[dict]
         parts.append("Failed: " + "; ".join(f"setting {r['setting']}: {escape(r['error'])}" for r in failed))
     publish_run([Table(SWEEP, table, f"{len(settings)} settings compared")], None, scope)
     publish_markdown(f"{SWEEP}-plot", "\n\n".join(parts) + "\n", "The sweep's settings compared", scope)
+    return path if scored else None
 
 
 def describe(result: dict) -> str:
@@ -223,6 +227,8 @@ def describe(result: dict) -> str:
         lines.append(f"setting {r['setting']}  {where}  {r['split']} accuracy {r['accuracy']:.3f} "
                      f"[{ci[0]:.3f}, {ci[1]:.3f}]  train {r['train'].lower()}  run {r['run']}"
                      + ("  <- best" if result["best"] == r["setting"] else ""))
-    shared = ", ".join(f"{stage} {n}" for stage, n in result["distinct_keys"].items())
-    lines.append(f"computed per stage (distinct keys): {shared}")
+    counts = ", ".join(f"{stage} {result['computed'][stage]} of {n}" for stage, n in result["distinct_keys"].items())
+    lines.append(f"computed per stage, of its distinct keys (the rest cached): {counts}")
+    if result.get("plot"):
+        lines.append(f"plot: {result['plot']}")
     return "\n".join(lines)
