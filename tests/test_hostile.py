@@ -208,3 +208,30 @@ def test_a_huge_photo_is_read_reduced_without_pil_warnings(tmp_path, recwarn):
     pixels = read_image(tmp_path / "big.jpg")
     assert max(pixels.shape[:2]) < 9500 and max(pixels.shape[:2]) >= MAX_SIDE
     assert not [w for w in recwarn if "DecompressionBomb" in type(w.message).__name__]
+
+
+@pytest.mark.slow  # a local Prefect server of its own
+def test_a_server_that_dies_during_a_run_is_one_line_within_seconds(tmp_path, small_cacd):
+    import json
+
+    import psutil
+
+    home = tmp_path / "prefect"
+    proc = subprocess.Popen([sys.executable, "-m", "agelens", "run", "--data", str(small_cacd / "celebrity2000_meta.mat"),
+                             "--out", str(tmp_path / "o"), "--backbone", "convnext_narrow", "--weights", "none",
+                             "--image-size", "32", "--epochs", "50", "--per-class", "20", "--until", "train"], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**{k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")},
+                                 "PREFECT_HOME": str(home)})
+    deadline = time.monotonic() + 240
+    while not list((tmp_path / "o").glob("train/*.partial/checkpoint.json")):  # training has begun
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.5)
+    supervisor = psutil.Process(json.loads((home / "agelens-server" / "server.json").read_text())["pid"])
+    for server in supervisor.children():
+        server.kill()
+    began = time.monotonic()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and time.monotonic() - began < 20, err[-3000:]
+    said = [line for line in err.splitlines() if line.startswith("agelens: error:")]
+    assert len(said) == 1 and "stopped answering during the run" in said[0] and "Traceback" not in err

@@ -138,18 +138,13 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # telemetry needs a network
     if args.debug:
         os.environ["AGELENS_DEBUG"] = "1"  # the flow then keeps Prefect's tracebacks too
-    from agelens.flows.service.interrupt import Interrupted, stop_on_signals
+    from agelens.flows.service.interrupt import stop_on_signals
 
     try:
-        with stop_on_signals():  # Ctrl-C or SIGTERM before a run starts (imports, the server starting)
+        with stop_on_signals(exit_now=True):  # Ctrl-C or SIGTERM before the work (imports, checks, the server)
             code = COMMANDS[args.command](args)
         sys.stdout.flush()  # a reader that closed the pipe early shows here, not at exit
         return code
-    except Interrupted as stop:
-        print("\nagelens: interrupted before any work started; nothing was changed", file=sys.stderr, flush=True)
-        if args.json:
-            print(json.dumps({"error": "interrupted", "kind": "Interrupted", "exit_code": 128 + stop.signum}))
-        return 128 + stop.signum
     except AgelensError as error:
         if args.debug:
             raise
@@ -299,7 +294,7 @@ def _run_flow(args, flow, out: str, call) -> dict:
     SIGTERM marks the flow run Cancelled, stops worker processes and says how to resume."""
     from prefect.logging.configuration import setup_logging
 
-    from agelens.flows.service.interrupt import cancel_flow_run, resume_hint, run_interruptibly, stop_children
+    from agelens.flows.service.interrupt import Lost, cancel_flow_run, resume_hint, run_interruptibly, stop_children
 
     began = time.time()
     setup_logging()
@@ -314,7 +309,10 @@ def _run_flow(args, flow, out: str, call) -> dict:
 
     flow = flow.with_options(on_running=[remember_the_run])
 
-    def on_interrupt(signum: int) -> None:
+    def on_interrupt(signum: int | None) -> None:
+        if signum is None:  # the server went away: the caller says so
+            stop_children()
+            return
         hint = resume_hint(out, began)
         print(f"\nagelens: interrupted; {hint}", file=sys.stderr, flush=True)
         if args.json:
@@ -324,8 +322,26 @@ def _run_flow(args, flow, out: str, call) -> dict:
             cancel_flow_run(started["id"], f"interrupted by the user; {hint}")
         stop_children()
 
-    with prefect_api():
-        return run_interruptibly(lambda: call(flow), on_interrupt)
+    with prefect_api() as url:
+        refused = []
+
+        def server_answers() -> None:
+            """Two refused connections in a row: the server is gone (a slow answer is not counted)."""
+            from agelens.flows.service.localserver import refuses
+
+            refused.append(refuses(url))
+            if refused[-2:] == [True, True]:
+                raise Lost(f"the Prefect server at {url} stopped answering during the run; "
+                           f"{resume_hint(out, began)}")
+
+        try:
+            return run_interruptibly(lambda: call(flow), on_interrupt, server_answers)
+        except Lost as lost:
+            # Exit now: Prefect's log and event workers would retry the dead server for minutes at exit.
+            failed(args, AgelensError(str(lost)))
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)
 
 
 def status_command(args) -> int:

@@ -167,7 +167,7 @@ def score(paths: list[str], scorer: Scorer, detect: bool = True, face_model: str
     import torch
     from tqdm.auto import tqdm
 
-    from agelens.flows.service.interrupt import Interrupted
+    from agelens.flows.service.interrupt import Interrupted, stop_on_signals
     from agelens.tasks.model.faces import Detector, Framing, face_model as locate, find_images
     from agelens.tasks.model.inference import predict
 
@@ -212,7 +212,7 @@ def score(paths: list[str], scorer: Scorer, detect: bool = True, face_model: str
     queue = iter(files)
     bar = tqdm(total=len(files), desc="predict", unit="img", disable=None if progress else True)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), stop_on_signals():
             while True:
                 while len(ahead) < 2 * batch_size and (path := next(queue, None)) is not None:
                     ahead.append((path, pool.submit(lambda p: _faces(p, detector(), size, framing), path)))

@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -28,20 +29,38 @@ def _raise(signum, frame):
     raise Interrupted(signum)
 
 
+def _exit_now(signum, frame):
+    print("\nagelens: interrupted; nothing was changed", file=sys.stderr, flush=True)
+    os._exit(128 + signum)
+
+
 @contextmanager
-def stop_on_signals():
-    """SIGINT and SIGTERM raise Interrupted in this (the main) thread while the block runs."""
-    previous = {s: signal.signal(s, _raise) for s in (signal.SIGINT, signal.SIGTERM)}
+def stop_on_signals(exit_now: bool = False):
+    """While the block runs in the main thread, SIGINT and SIGTERM raise Interrupted there or, with
+    `exit_now` (before any work: imports, checks, the server starting), end the process at once
+    with one line. Raising is unsafe while a C extension imports (torch's aborts), so code that
+    wants to stop cleanly opens its own `stop_on_signals()` around its work."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    handler = _exit_now if exit_now else _raise
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+        for s, old in previous.items():
+            signal.signal(s, old)
 
 
-def run_interruptibly(work, on_interrupt) -> object:
+class Lost(Exception):
+    """What `work` needs went away (the Prefect server stopped answering)."""
+
+
+def run_interruptibly(work, on_interrupt, check=None, every: float = 2.0) -> object:
     """`work()` in a thread (with this thread's context: Prefect's settings), interruptible by
-    SIGINT and SIGTERM. On a signal `on_interrupt(signum)` runs, then the process exits."""
+    SIGINT and SIGTERM. On a signal `on_interrupt(signum)` runs, then the process exits. `check()`,
+    called every `every` seconds, raises Lost when the work cannot go on: `on_interrupt(None)`
+    runs, then the error is raised here (the work's thread, a daemon, is left behind)."""
     outcome: dict = {}
     context = contextvars.copy_context()
 
@@ -55,8 +74,16 @@ def run_interruptibly(work, on_interrupt) -> object:
     worker = threading.Thread(target=target, name="agelens-run", daemon=True)
     try:
         worker.start()
+        checked = time.monotonic()
         while worker.is_alive():
             worker.join(0.25)
+            if check is not None and worker.is_alive() and time.monotonic() - checked >= every:
+                checked = time.monotonic()
+                try:
+                    check()
+                except Lost:
+                    on_interrupt(None)
+                    raise
     except Interrupted as stop:
         for s in previous:  # a second Ctrl-C while shutting down ends it at once
             signal.signal(s, lambda *_: os._exit(128 + stop.signum))

@@ -44,6 +44,19 @@ def _healthy(url: str, timeout: float = 2.0) -> bool:
         return False
 
 
+def refuses(url: str, timeout: float = 5.0) -> bool:
+    """Whether nothing listens at the server's address any more (a slow answer is not a refusal)."""
+    import httpx
+
+    try:
+        httpx.get(f"{url.rstrip('/')}/health", timeout=timeout)
+        return False
+    except httpx.ConnectError:
+        return True
+    except httpx.HTTPError:
+        return False
+
+
 def _read(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
