@@ -33,6 +33,7 @@ FAIRFACE = REPO.parent / "shared" / "data" / "fairface" / "labels.csv"
 BASE = ["--preset", "demo", "--per-class", "all", "--split-by", "image", "--test-frac", "0.1", "--weights", "none",
         "--until", "evaluate"]
 DEFAULT_SETTINGS = ["reference", "modern:--preset cpu"]
+SCALING = ["modern:--preset cpu --per-class 150", "modern:--preset cpu --per-class 600", "modern:--preset cpu"]
 
 
 def run_setting(setting: str, data: Path, out: Path, quick: bool) -> dict:
@@ -51,6 +52,7 @@ def run_setting(setting: str, data: Path, out: Path, quick: bool) -> dict:
     return {"setting": setting, "command": "agelens run " + " ".join(shlex.quote(o) for o in options),
             "split": split, "metrics": evaluate[split], "training_seconds": train["training_seconds"],
             "images_per_s": train["train_images_per_s"], "epochs": train["epochs"], "best_epoch": train["best_epoch"],
+            "train_images": train["train_images"], "classes": len(result["stages"]["extract"]["summary"]["per_class"]),
             "wall_seconds": round(time.monotonic() - began, 1), "settings": result["settings"]}
 
 
@@ -78,10 +80,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="output folder (default: a temporary one); reruns are cached")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 40 images per class, 2 epochs")
     parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument("--scaling", type=Path, metavar="PNG", help="the cpu preset at 150, 600 and all images per class, "
+                                                                    "drawn as accuracy against training images into PNG")
     args = parser.parse_args()
     if not args.data.exists():
         raise SystemExit(f"no data at {args.data} (pass --data LABELS.csv)")
-    settings = args.setting or DEFAULT_SETTINGS
+    settings = args.setting or (SCALING if args.scaling else DEFAULT_SETTINGS)
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or Path(tmp)
         rows = []
@@ -98,6 +102,15 @@ def main() -> None:
               f"({last['accuracy'] / max(first['accuracy'], 1e-9):.2f}x)")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
+    if args.scaling:
+        from agelens.tasks.reporting.plots import base, runs as run_plots
+
+        points = [{"train_images": r["train_images"], "split": r["split"], "accuracy": r["metrics"]["accuracy"],
+                   "accuracy_ci": r["metrics"]["accuracy_ci"]} for r in rows]
+        base.save(run_plots.learning_curve(points, 1 / rows[0]["classes"], "What more images buy: "
+                                           f"{rows[0]['setting'].partition(':')[2].split(' --per-class')[0]}"),
+                  args.scaling)
+        print(f"\nplot: {args.scaling}")
 
 
 if __name__ == "__main__":

@@ -149,6 +149,8 @@ def report_section(view) -> list[str]:
             f"**{_ci(m.accuracy, m.accuracy_ci)}** (95% bootstrap interval)" if split == "test" else
             f"No test split: validation accuracy **{_ci(m.accuracy, m.accuracy_ci)}** is on the images that chose the "
             "epoch, so it flatters the model")
+    classes = len(view.context["classes"])
+    lead += f"; guessing would score {1 / classes:.3f} ({classes} classes)"
     if m.mae_years is not None:
         lead += f", age error **{_ci(m.mae_years, m.mae_years_ci, 2)} years** (CS5 {_ci(m.cs5, m.cs5_ci)})"
     parts = [lead + ".", table(_rows(s)),

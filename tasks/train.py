@@ -76,7 +76,7 @@ def run(job: Job) -> dict:
         save_file({k: v.contiguous() for k, v in result["best_state"].items()}, out.path("model.safetensors"))
         pd.DataFrame(result["history"]).to_csv(out.path("history.csv"), index=False)
         pd.DataFrame(result["timings"]).to_csv(out.path("timings.csv"), index=False)
-        base.save(training.training_curves(result["history"]), out.path("curves.png"))
+        base.save(training.training_curves(result["history"], 1 / len(classes)), out.path("curves.png"))
         write_json(out.path("config.json"), {**settings, "weights": weights, "classes": classes, "head": head.kind,
                                              "recipe_parameters": recipe.describe(),
                                              "image_size": image_size, "device": str(runtime.device),

@@ -3,7 +3,8 @@
 import numpy as np
 import torch
 
-from bench.train_throughput import agelens_loop, ceiling_loop, decoded_array, ensure_images, labels_of, reference_loop
+from bench.train_throughput import (agelens_loop, before_loop, ceiling_loop, decoded_array, ensure_images,
+                                   flops_per_image, labels_of, reference_loop)
 from agelens.tasks.data.demo import DemoSpec, write_demo
 from agelens.tasks.model.inference import Runtime
 
@@ -19,4 +20,12 @@ def test_loops_count_the_images_they_processed_even_when_too_few_were_on_disk(tm
     array = decoded_array(files, 32, tmp_path)
     assert array.shape == (16, 32, 32, 3) and np.asarray(array).any()
     assert agelens_loop(array, labels, "convnext_narrow", 4, 3, runtime)[0] == 12
+    assert agelens_loop(array, labels, "convnext_narrow", 4, 3, runtime, "modern")[0] == 12
+    assert before_loop(array, labels, "convnext_narrow", 4, 3, runtime, "modern")[0] == 12
     assert ceiling_loop("convnext_narrow", 32, 4, 3, runtime)[0] == 12
+
+
+def test_flops_are_counted_per_image_forward_and_for_a_training_step():
+    forward, trained = flops_per_image("resnet10", 64)
+    # ResNet-10 at 64 px: a known 0.145 GFLOP forward; a training step costs about three forwards.
+    assert abs(forward / 1e9 - 0.145) < 0.005 and 2.5 < trained / forward < 3.2

@@ -439,11 +439,10 @@ def models_command(args) -> int:
 
 
 def _model_line(record: dict) -> str:
-    where, m = record.get("settings") or {}, record.get("metrics") or {}
-    facts = record.get("facts") or {}
-    return (f"run {record['run_id'][:8]}  model {record['model_digest'][:12]}  {where.get('backbone', facts.get('backbone'))} "
-            f"{where.get('image_size', facts.get('image_size'))} px  accuracy {_text(m.get('accuracy'))}  "
-            f"since {record.get('promoted_at')}: {record.get('why')}")
+    where, m, facts = record.get("settings") or {}, record.get("metrics") or {}, record.get("facts") or {}
+    backbone, size = where.get("backbone", facts.get("backbone")), where.get("image_size", facts.get("image_size"))
+    return (f"run {record['run_id'][:8]}  model {record['model_digest'][:12]}  {backbone} {size} px  accuracy "
+            f"{_text(m.get('accuracy'))}  since {record.get('promoted_at')}: {record.get('why')}")
 
 
 @contextmanager
@@ -520,7 +519,8 @@ def serve_command(args) -> int:
 
 
 COMMANDS = {"run": run_command, "sweep": sweep_command, "status": status_command, "gc": gc_command, "runs": runs_command,
-            "models": models_command, "fetch-models": fetch_models_command, "promote": promote_command, "predict": predict_command, "deploy": deploy_command, "serve": serve_command}
+            "models": models_command, "fetch-models": fetch_models_command, "promote": promote_command,
+            "predict": predict_command, "deploy": deploy_command, "serve": serve_command}
 
 
 def describe(result: dict) -> str:

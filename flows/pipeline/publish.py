@@ -60,18 +60,19 @@ def learning_points(rows: list[dict], row: dict) -> list[dict]:
         split, m = runs.headline(r)
         if group(r) == group(row) and m and r.get("train_images"):
             points[(r["train_images"], r["fingerprint"])] = {"train_images": r["train_images"], "split": split,
-                                                             "accuracy": m["accuracy"]}
+                                                             "accuracy": m["accuracy"],
+                                                             "accuracy_ci": m.get("accuracy_ci")}
     return list(points.values())
 
 
-def learning_curve(out: Path, points: list[dict]) -> Path:
+def learning_curve(out: Path, points: list[dict], chance: float | None = None) -> Path:
     """The learning-curve plot of these points, drawn once per distinct set of points."""
-    path = out / "runs" / f"learning-curve-{sha256_json(sorted(points, key=json.dumps))[:16]}.png"
+    path = out / "runs" / f"learning-curve-{sha256_json([sorted(points, key=json.dumps), chance])[:16]}.png"
     if not path.exists():
         from agelens.tasks.reporting.plots import base, runs as run_plots
 
         tmp = path.with_name(f".{path.name}.partial.png")
-        base.save(run_plots.learning_curve(points), tmp)
+        base.save(run_plots.learning_curve(points, chance), tmp)
         atomic_write_bytes(path, tmp.read_bytes())
         tmp.unlink()
     return path
@@ -106,7 +107,9 @@ def run_report(out: Path, results: dict[str, dict], previous: list[dict], row: d
                                                   for line in since_last(previous[-1] if previous else None, row))]
     points = learning_points(previous, row)
     if len(points) >= 2:
-        parts += ["## Learning curve", image(learning_curve(out, points), "accuracy against training images", 560)]
+        chance = 1 / len(row["drawn"]) if row.get("drawn") else None
+        parts += ["## Learning curve", image(learning_curve(out, points, chance), "accuracy against training images",
+                                             560)]
     parts += ["## Runs in this output folder (newest first)", table(runs.table_rows([*previous, row], limit=10))]
     return "\n\n".join(parts) + "\n"
 

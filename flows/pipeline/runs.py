@@ -129,7 +129,8 @@ def compact_rows(rows: list[dict]) -> list[dict]:
         ci = m.get("accuracy_ci")
         accuracy = "-" if m.get("accuracy") is None else f"{split} {m['accuracy']:.3f}" + (
             f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
-        entry = {"run": r["run_id"][:8], "time": r["time"][5:16].replace("T", " "), "data": (r.get("fingerprint") or "")[:8],
+        entry = {"run": r["run_id"][:8], "time": r["time"][5:16].replace("T", " "),
+                 "data": (r.get("fingerprint") or "")[:8],
                  "drawn": _drawn(r.get("drawn")), "model": f"{s.get('backbone')} {s.get('image_size')}px",
                  "training": f"{s.get('recipe')} {s.get('epochs')}ep lr {s.get('lr')} {s.get('head')}",
                  "accuracy": accuracy,

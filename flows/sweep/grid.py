@@ -170,14 +170,15 @@ def sweep_flow_fn(settings: list[RunSettings]) -> dict:
     computed = {stage.name: len({r.results[stage.name]["key"] for r in runners
                                  if stage.name in r.results and r.states.get(stage.name) != "Cached"})
                 for stage in selected(settings[0].until)}
-    plot = publish_comparison(out, settings, table, best, deployment.name)
+    classes = next((r.results["extract"]["meta"]["classes"] for r in runners if "extract" in r.results), None)
+    plot = publish_comparison(out, settings, table, best, deployment.name, 1 / len(classes) if classes else None)
     return {"out": str(out), "varied": varied(settings), "rows": table, "best": None if best is None else best + 1,
             "distinct_keys": distinct, "computed": computed, "states": [r.states for r in runners],
             "plot": None if plot is None else str(plot)}
 
 
 def publish_comparison(out: Path, settings: list[RunSettings], table: list[dict], best: int | None,
-                       scope: str | None) -> Path | None:
+                       scope: str | None, chance: float | None = None) -> Path | None:
     """The comparison as a table artifact and a markdown artifact with the plot; the plot's file."""
     from agelens.tasks.core.hashing import sha256_json
     from agelens.tasks.core.stage import atomic_write_bytes
@@ -194,14 +195,14 @@ def publish_comparison(out: Path, settings: list[RunSettings], table: list[dict]
                      f"{table[best]['accuracy']:.3f} [{table[best]['accuracy_ci'][0]:.3f}, "
                      f"{table[best]['accuracy_ci'][1]:.3f}]. Intervals that overlap do not tell the settings apart.")
     if scored:
-        path = out / "sweeps" / f"sweep-{sha256_json(table)[:16]}.png"
+        path = out / "sweeps" / f"sweep-{sha256_json([table, chance])[:16]}.png"
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.partial.png")
             figure = run_plots.sweep_comparison(
                 [f"{i + 1}: {label(settings[i], names)}" for i, _ in scored], [r["accuracy"] for _, r in scored],
                 [r["accuracy_ci"] for _, r in scored], f"{scored[0][1]['split']} accuracy",
-                next((k for k, (i, _) in enumerate(scored) if i == best), None))
+                next((k for k, (i, _) in enumerate(scored) if i == best), None), chance)
             base.save(figure, tmp)
             atomic_write_bytes(path, tmp.read_bytes())
             tmp.unlink()
