@@ -93,6 +93,19 @@ def test_augment_draws_per_image_and_is_seeded():
     assert a.min() >= 0 and a.max() <= 1
 
 
+def test_mixup_mixes_each_image_with_another_by_one_drawn_share():
+    from agelens.tasks.model.training import mixup
+
+    x = torch.rand(16, 3, 8, 8)
+    mixed, other, share = mixup(x, 0.2, torch.Generator().manual_seed(0))
+    again, other_again, share_again = mixup(x, 0.2, torch.Generator().manual_seed(0))
+    assert torch.equal(mixed, again) and torch.equal(other, other_again) and share == share_again  # seeded
+    assert 0 <= share <= 1 and sorted(other.tolist()) == list(range(16))
+    torch.testing.assert_close(mixed, share * x + (1 - share) * x[other])
+    shares = [mixup(x, 0.2, torch.Generator().manual_seed(s))[2] for s in range(200)]
+    assert np.mean([min(s, 1 - s) < 0.1 for s in shares]) > 0.5  # Beta(0.2, 0.2): mostly near one image
+
+
 def _toy_data(seed=0, n=96, size=32):  # ConvNeXt needs at least 32 px
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, 3, n)

@@ -61,10 +61,10 @@ class RunSettings(BaseModel):
     epochs: int = Field(5, ge=1, le=10_000, description="training epochs; the one with the lowest val loss is kept")
     batch_size: int = Field(32, ge=1, le=65_536, description="training batch size")
     lr: float = Field(1e-4, gt=0, le=10, description="learning rate (the peak, after warm-up, for the adamw and modern recipes)")
-    recipe: Literal["reference", "adamw", "modern"] = Field(
+    recipe: Literal["reference", "adamw", "modern", "mixup"] = Field(
         "reference", description="how to train: reference (the notebook's Adam at a constant rate), adamw (AdamW, "
-                                 "warm-up and cosine decay, flip at test) or modern (adamw plus label smoothing, strong "
-                                 "augmentation, weight averaging)")
+                                 "warm-up and cosine decay, flip at test), modern (adamw plus label smoothing, strong "
+                                 "augmentation, weight averaging) or mixup (modern plus mixup, for long trainings)")
     head: Literal["auto", "classes", "ages"] = Field("classes", description="classes: one output per decade; ages: one "
                                                                             "per year of age (soft labels), decades by "
                                                                             "summing years; auto: ages where the data has "

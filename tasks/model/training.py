@@ -73,6 +73,15 @@ def augment(x: torch.Tensor, generator: torch.Generator, policy: str = "referenc
     return x
 
 
+def mixup(x: torch.Tensor, alpha: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(the batch mixed with a shuffled copy of itself, which image each was mixed with, the share
+    of its own), the share drawn from Beta(alpha, alpha) (Zhang et al. 2018)."""
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+    share = float(np.random.default_rng(seed).beta(alpha, alpha))
+    other = torch.randperm(x.shape[0], generator=generator).to(x.device)
+    return share * x + (1 - share) * x[other], other, share
+
+
 def epoch_plan(rows: np.ndarray, batch_size: int, max_steps: int | None, generator: torch.Generator) -> list[np.ndarray]:
     """This epoch's batches: the rows shuffled by `generator`, cut into batches (each read sorted)."""
     order = torch.randperm(len(rows), generator=generator).numpy()
@@ -121,9 +130,13 @@ def train_one_epoch(model, array: np.ndarray, targets: np.ndarray, labels: np.nd
                             unit="batch", disable=None):
         x = normalise(augment(to_float(batch, runtime), generator, recipe.augment))
         y = torch.from_numpy(targets[rows]).to(runtime.device)
+        if recipe.mixup:
+            x, other, share = mixup(x, recipe.mixup, generator)
         with runtime.autocast():
             logits = model(x)
         loss = head.loss(logits, y, recipe.label_smoothing)
+        if recipe.mixup:  # the loss of a mixed image is the mix of its two images' losses
+            loss = share * loss + (1 - share) * head.loss(logits, y[other], recipe.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
