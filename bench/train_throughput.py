@@ -55,7 +55,8 @@ def ensure_images(folder: Path, needed: int) -> list[Path]:
     folder = folder.resolve()
     files = sorted((folder / "CACD2000").glob("*.jpg")) if (folder / "CACD2000").is_dir() else []
     if len(files) < needed:
-        write_demo(folder, DemoSpec(identities=math.ceil(needed / 10) + 6, images_per_identity=10))
+        per = max(10, math.ceil(needed / 200))  # CACD's rank is a byte: at most 255 people
+        write_demo(folder, DemoSpec(identities=math.ceil(needed / per) + 6, images_per_identity=per))
         files = sorted((folder / "CACD2000").glob("*.jpg"))
     assert len(files) >= needed, f"{folder} holds {len(files)} images, {needed} needed"
     return files[:needed]

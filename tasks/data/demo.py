@@ -144,7 +144,7 @@ def metadata_structs(rows: list[dict]) -> dict:
         _column([r["identity"] for r in rows], np.uint16),
         _column([r["year"] for r in rows], np.uint16),
         np.zeros((0, 0), dtype=np.uint8),
-        _column([r["rank"] for r in rows], np.uint16),
+        _column([r["rank"] for r in rows], np.uint8),
         _column([r["lfw"] for r in rows], np.uint8),
         _column([r["birth"] for r in rows], np.uint16),
         _cell([r["file"] for r in rows]),
