@@ -3,7 +3,6 @@
 
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from agelens.flows.cli.main import main
-from agelens.flows.pipeline.settings import RunSettings
 
 REPO = Path(__file__).resolve().parents[1]
 

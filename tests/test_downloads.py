@@ -15,6 +15,7 @@ import pytest
 from agelens.tasks.core import downloads
 from agelens.tasks.core.downloads import YUNET, ModelFile, locate
 from agelens.tasks.core.errors import DataError
+from agelens.tasks.core.hashing import sha256_file
 
 SHARED_YUNET = Path(__file__).resolve().parents[1] / ".." / "shared" / "models" / YUNET.name
 
@@ -112,4 +113,4 @@ def test_fetch_models_fetches_yunet_from_a_local_mirror_into_an_empty_cache(empt
         assert main(["fetch-models", "--json"]) == 0
     [found] = json.loads(capsys.readouterr().out)
     assert found == {"file": YUNET.name, "path": str(empty_cache / YUNET.name)}
-    assert downloads.file_sha256(empty_cache / YUNET.name) == YUNET.sha256
+    assert sha256_file(empty_cache / YUNET.name) == YUNET.sha256

@@ -1,7 +1,6 @@
 """The flow's caching contract against a real (temporary) Prefect backend: unchanged stages are
 served from the cache, changed ones rerun, and inputs are always read where they are now."""
 
-import json
 import shutil
 import subprocess
 import sys

@@ -1,8 +1,6 @@
 """`agelens predict`: every file found is scored or named with its reason, never a crash; faces are
 found in photos by YuNet where its model file is present."""
 
-import json
-import os
 from pathlib import Path
 
 import numpy as np

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 
-from agelens.flows.pipeline.settings import RunSettings
 from agelens.flows.sweep.grid import expand, read_settings_file, varied
 from agelens.tasks.core.errors import ConfigError
 

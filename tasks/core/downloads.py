@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import sys
 import urllib.error
 import urllib.parse
@@ -18,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agelens.tasks.core.errors import DataError
+from agelens.tasks.core.hashing import sha256_file
 from agelens.tasks.core.places import cache_dir
 
 MIRROR_ENV = "AGELENS_MODELS_URL"
@@ -56,14 +56,6 @@ def source_url(model: ModelFile) -> str:
     if urllib.parse.urlsplit(mirror).scheme in ("http", "https", "file", "ftp"):
         return mirror.rstrip("/") + "/" + urllib.parse.quote(model.name)
     return (Path(mirror).expanduser().resolve() / model.name).as_uri()
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _unavailable(model: ModelFile, url: str, why: str) -> DataError:
@@ -128,7 +120,7 @@ def locate(model: ModelFile, given: str | None = None, fetch: bool = True, progr
             if not path.is_file():
                 raise DataError(f"{model.what}: {path} (from {origin}) is not a file")
             return path
-    if model.cached.is_file() and file_sha256(model.cached) == model.sha256:
+    if model.cached.is_file() and sha256_file(model.cached) == model.sha256:
         return model.cached
     if not fetch:
         raise _unavailable(model, source_url(model), "not fetched now")
@@ -140,6 +132,6 @@ def where_from(model: ModelFile) -> str:
     local = os.environ.get(model.local_env)
     if local:
         return f"{local} (${model.local_env})"
-    if model.cached.is_file() and file_sha256(model.cached) == model.sha256:
+    if model.cached.is_file() and sha256_file(model.cached) == model.sha256:
         return f"the cache, {model.cached}"
     return f"{source_url(model)}, downloaded into {model.cached} on first use"
