@@ -44,14 +44,22 @@ def champion(monkeypatch):
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_a_stop_in_the_first_seconds_is_one_line_and_its_exit_code(tmp_path, signum, code):
-    """Ctrl-C or SIGTERM while the run still imports and checks (before any flow runs)."""
+    """Ctrl-C or SIGTERM while the run still checks and starts its local server (before any flow runs)."""
     proc = subprocess.Popen([sys.executable, "-m", "agelens", "run", "--out", str(tmp_path / "o")], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")})
-    time.sleep(1.5)  # in the checks before work (torch is being imported)
+                            env={**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "AGELENS_SERVER_LINGER": "1"})
+    said: list[str] = []
+    reader = threading.Thread(target=lambda: said.extend(proc.stderr), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 120
+    while not any("starting the local Prefect server" in line for line in said):  # its first words
+        assert proc.poll() is None and time.monotonic() < deadline, said
+        time.sleep(0.05)
     began = time.monotonic()
     proc.send_signal(signum)
-    _, err = proc.communicate(timeout=30)
+    proc.wait(timeout=30)
+    reader.join(10)
+    err = "".join(said)
     assert proc.returncode == code and time.monotonic() - began < 5, err
     assert "agelens: interrupted" in err and "Traceback" not in err, err
 
