@@ -19,7 +19,7 @@ import sys
 import time
 import types
 import typing
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 from agelens.flows.pipeline.settings import RunSettings, option, parse_settings
 from agelens.tasks.core.errors import AgelensError, ConfigError
@@ -140,8 +140,11 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["AGELENS_DEBUG"] = "1"  # the flow then keeps Prefect's tracebacks too
     from agelens.flows.service.interrupt import stop_on_signals
 
+    # Ctrl-C or SIGTERM before the work (imports, checks, the server) ends the process at once;
+    # `serve` is Prefect's to stop (it pauses its deployments on the way out).
+    stops = nullcontext() if args.command == "serve" else stop_on_signals(exit_now=True)
     try:
-        with stop_on_signals(exit_now=True):  # Ctrl-C or SIGTERM before the work (imports, checks, the server)
+        with stops:
             code = COMMANDS[args.command](args)
         sys.stdout.flush()  # a reader that closed the pipe early shows here, not at exit
         return code
