@@ -262,10 +262,14 @@ COLUMNS = ("file", "face", "x", "y", "w", "h", "detection_score", "crop", "decad
 TAIL = ("expected_age", "temperature", "model", "skipped")
 
 
+def utf8(text: str) -> str:
+    """A file name as UTF-8 text: bytes that are not UTF-8 written as backslash escapes."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def shown(text: str) -> str:
     """A file name as one printable line: bytes that are not UTF-8 and control characters escaped."""
-    raw = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in raw)
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in utf8(text))
 
 
 def table_of(rows: list[dict], skipped: list[dict], classes: list[str]) -> tuple[list[str], list[dict]]:
@@ -290,8 +294,7 @@ def write(rows: list[dict], target: Path, skipped: list[dict] = (), classes: lis
         if target.suffix.lower() == ".parquet":
             import pandas as pd
 
-            text = [{**r, "file": r["file"].encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")}
-                    for r in records]
+            text = [{**r, "file": utf8(r["file"])} for r in records]
             tmp = target.with_name(f".{target.name}.partial")
             try:
                 pd.DataFrame(text, columns=columns).to_parquet(tmp, index=False)

@@ -126,12 +126,3 @@ def locate(model: ModelFile, given: str | None = None, fetch: bool = True, progr
         raise _unavailable(model, source_url(model), "not fetched now")
     return download(model, progress)
 
-
-def where_from(model: ModelFile) -> str:
-    """One line: where `locate` would take the file from now, without fetching it."""
-    local = os.environ.get(model.local_env)
-    if local:
-        return f"{local} (${model.local_env})"
-    if model.cached.is_file() and sha256_file(model.cached) == model.sha256:
-        return f"the cache, {model.cached}"
-    return f"{source_url(model)}, downloaded into {model.cached} on first use"
