@@ -47,6 +47,7 @@ from agelens.tasks.model.inference import IMAGENET_MEAN, IMAGENET_STD, Runtime, 
 from agelens.tasks.model.backbones import build_model  # noqa: E402
 from agelens.tasks.model.heads import Head  # noqa: E402
 from agelens.tasks.model.recipes import RECIPES  # noqa: E402
+from agelens.tasks.model.smallmaps import for_small_maps  # noqa: E402
 from agelens.tasks.model.training import epoch_plan, train_one_epoch  # noqa: E402
 
 
@@ -126,7 +127,7 @@ def agelens_loop(array: np.ndarray, labels: np.ndarray, backbone, batch_size, st
     from agelens.tasks.model.training import Averaged, optimiser
 
     torch.manual_seed(0)
-    model = prepare(build_model(backbone, 6, image_size=array.shape[1]), runtime)
+    model = for_small_maps(prepare(build_model(backbone, 6, image_size=array.shape[1]), runtime), array.shape[1])
     recipe = RECIPES[recipe_name]
     optimizer, scheduler = optimiser(model, recipe, 1e-4, 10 * steps)
     averaged = Averaged(model, recipe.ema, 10 * steps) if recipe.ema else None
@@ -232,7 +233,7 @@ def cpu_features() -> str:
 def ceiling_loop(backbone, size, batch_size, steps, runtime) -> tuple[int, float]:
     """(images, seconds) of the model alone: synthetic tensors already on the device."""
     torch.manual_seed(0)
-    model = prepare(build_model(backbone, 6), runtime).train()
+    model = for_small_maps(prepare(build_model(backbone, 6, image_size=size), runtime), size).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     x = torch.randn(batch_size, 3, size, size, device=runtime.device)
     x = x.contiguous(memory_format=torch.channels_last) if runtime.channels_last else x

@@ -25,6 +25,7 @@ from agelens.tasks.data.arrays import batch_rows, batches
 from agelens.tasks.model.heads import Head
 from agelens.tasks.model.inference import Runtime, normalise, predict_logits, prepare, to_float
 from agelens.tasks.model.recipes import Recipe
+from agelens.tasks.model.smallmaps import for_small_maps
 
 BRIGHTNESS = CONTRAST = 0.2  # the reference's ColorJitter(0.2, 0.2)
 SATURATION = 0.2  # the strong policy's, in addition
@@ -214,7 +215,7 @@ def fit(model, array: np.ndarray, targets: np.ndarray, labels: np.ndarray, train
     for validation), checkpointing each epoch into `checkpoint` and resuming from it when present.
     `on_epoch(epoch, row)` is called after each epoch. Returns history, timings, the best epoch and
     its weights (the moving average's, when the recipe keeps one)."""
-    model = prepare(model, runtime)
+    model = for_small_maps(prepare(model, runtime), image_size=array.shape[1])
     epochs, batch_size = settings["epochs"], settings["batch_size"]
     steps_per_epoch = len(batch_rows(np.asarray(train_rows), batch_size, settings["max_steps"]))
     optimizer, scheduler = optimiser(model, recipe, settings["lr"], epochs * steps_per_epoch)

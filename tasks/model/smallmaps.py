@@ -1,0 +1,96 @@
+"""Convolutions on maps of a few positions (a ResNet's last stage at 64-80 px), trained faster on a CPU.
+
+On such maps oneDNN's channels-last kernels cost up to twice its NCHW ones, and its bf16 weight
+gradient runs at a third of the CPU's matrix-multiply speed (bench/train_throughput.py). So these
+convolutions run in NCHW, and in bf16 their weight gradient is one matrix multiply over the
+unfolded input patches. The module keeps nn.Conv2d's parameters and state-dict keys: a model trained
+with it loads into the plain one.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SMALL_MAP_POSITIONS = 9  # output maps up to 3x3, where both effects were measured
+
+
+class _BF16Conv(torch.autograd.Function):
+    """conv2d whose weight gradient is unfold + matmul (the input gradient stays oneDNN's)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding):
+        ctx.save_for_backward(x, weight)
+        ctx.stride, ctx.padding, ctx.has_bias = stride, padding, bias is not None
+        return F.conv2d(x, weight, bias, stride, padding)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.ops.aten.convolution_backward(
+                grad, x, weight, None, list(ctx.stride), list(ctx.padding), [1, 1], False, [0, 0], 1,
+                [True, False, False])[0]
+        if ctx.needs_input_grad[1]:
+            n, out_channels = grad.shape[:2]
+            patches = F.unfold(x, weight.shape[-2:], padding=ctx.padding, stride=ctx.stride)  # (N, C*kh*kw, L)
+            positions = patches.shape[-1]
+            grad_rows = grad.reshape(n, out_channels, positions).transpose(0, 1).reshape(out_channels, -1)
+            grad_w = (grad_rows @ patches.transpose(1, 2).reshape(n * positions, -1)).view_as(weight)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad.sum((0, 2, 3))
+        return grad_x, grad_w, grad_b, None, None
+
+
+class SmallMapConv2d(nn.Conv2d):
+    """nn.Conv2d for maps of at most SMALL_MAP_POSITIONS output positions (see the module's docstring)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous()
+        if x.device.type == "cpu" and torch.is_autocast_enabled("cpu") \
+                and torch.get_autocast_dtype("cpu") == torch.bfloat16:
+            weight = self.weight.to(torch.bfloat16, memory_format=torch.contiguous_format)
+            bias = None if self.bias is None else self.bias.to(torch.bfloat16)
+            with torch.autocast("cpu", enabled=False):
+                return _BF16Conv.apply(x.to(torch.bfloat16), weight, bias, self.stride, self.padding)
+        return F.conv2d(x, self.weight.contiguous(), self.bias, self.stride, self.padding)
+
+
+def _eligible(conv: nn.Module) -> bool:
+    return (type(conv) is nn.Conv2d and conv.groups == 1 and conv.dilation == (1, 1)
+            and conv.padding_mode == "zeros" and not isinstance(conv.padding, str))
+
+
+def small_map_convs(model: nn.Module, image_size: int) -> list[str]:
+    """Names of the plain convolutions whose output map has at most SMALL_MAP_POSITIONS positions
+    for a square input of `image_size`."""
+    found, hooks, was_training = [], [], model.training
+    for name, module in model.named_modules():
+        if _eligible(module):
+            hooks.append(module.register_forward_hook(
+                lambda m, _, out, name=name: found.append(name) if out.shape[-2] * out.shape[-1] <= SMALL_MAP_POSITIONS
+                else None))
+    try:
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, 3, image_size, image_size, device=device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    return found
+
+
+def for_small_maps(model: nn.Module, image_size: int) -> nn.Module:
+    """`model`, its convolutions on small maps made SmallMapConv2d in place (CPU training only:
+    other devices have no such gap)."""
+    if next(model.parameters()).device.type != "cpu":
+        return model
+    for name in small_map_convs(model, image_size):
+        conv = model.get_submodule(name)
+        conv.__class__ = SmallMapConv2d  # same parameters, buffers and keys; only forward differs
+        conv.weight.data = conv.weight.data.contiguous()
+    return model

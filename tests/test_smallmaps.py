@@ -1,0 +1,54 @@
+"""Small-map convolutions compute what nn.Conv2d computes, forward and backward, and change no keys."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from agelens.tasks.model.backbones import build_model
+from agelens.tasks.model.smallmaps import SmallMapConv2d, for_small_maps, small_map_convs
+
+
+def test_only_convs_on_small_maps_are_chosen():
+    model = build_model("resnet10", 6, image_size=64)  # layer4 runs on 2x2 maps, layer3 on 4x4
+    chosen = small_map_convs(model, 64)
+    assert sorted(chosen) == ["layer4.0.conv1", "layer4.0.conv2", "layer4.0.downsample.0"]
+    assert model.training
+    assert small_map_convs(model, 224) == []  # 7x7 maps
+
+
+@pytest.mark.parametrize("stride,size,bias", [(1, 2, False), (2, 5, True), (1, 3, True)])
+def test_gradients_match_conv2d_in_fp32_and_bf16(stride, size, bias):
+    torch.manual_seed(0)
+    plain = nn.Conv2d(16, 24, 3, stride=stride, padding=1, bias=bias)
+    small = copy.deepcopy(plain)
+    small.__class__ = SmallMapConv2d
+    x = torch.randn(4, 16, size, size).contiguous(memory_format=torch.channels_last)
+    for autocast, tolerance in ((False, 1e-5), (True, 3e-2)):
+        grads = []
+        for conv in (plain, small):
+            conv.zero_grad()
+            xi = x.clone().requires_grad_()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                out = conv(xi)
+            (out.float() * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+            grads.append((out.float(), xi.grad, conv.weight.grad, conv.bias.grad if bias else None))
+        for mine, theirs in zip(grads[1], grads[0]):
+            if theirs is not None:
+                scale = theirs.abs().max()
+                assert (mine - theirs).abs().max() <= tolerance * scale, (autocast, (mine - theirs).abs().max(), scale)
+
+
+def test_a_model_trains_alike_and_keeps_its_keys():
+    torch.manual_seed(0)
+    plain = build_model("resnet10", 6, image_size=64)
+    fast = for_small_maps(copy.deepcopy(plain), 64)
+    assert isinstance(fast.layer4[0].conv2, SmallMapConv2d) and type(fast.layer3[0].conv2) is nn.Conv2d
+    assert fast.state_dict().keys() == plain.state_dict().keys()
+    x, y = torch.randn(8, 3, 64, 64), torch.randint(0, 6, (8,))
+    for model in (plain, fast):
+        nn.functional.cross_entropy(model(x), y).backward()
+    for (name, mine), theirs in zip(fast.named_parameters(), plain.parameters()):
+        assert torch.allclose(mine.grad, theirs.grad, rtol=1e-3, atol=1e-5), name
+    build_model("resnet10", 6, image_size=64).load_state_dict(fast.state_dict())
