@@ -3,9 +3,10 @@
 before:    the training step as it was (the plain eager loop): augmentation inline, the optimiser's
            per-parameter loop, the moving average tensor by tensor.
 now:       the training stage's step (tasks/model/training.py): fused optimiser, the moving average
-           in one call, augmentation in the loader's thread (overlapping the model's work).
-ceiling:   the same model, precision and layout on synthetic tensors already on the device: what
-           training costs with a free data path (the model-only ratio).
+           in one call, convolutions on maps of at most 3x3 in NCHW with their bf16 weight gradient
+           as one matrix multiply (tasks/model/smallmaps.py).
+ceiling:   the same model (small maps included), precision and layout on synthetic tensors
+           already on the device: what training costs with a free data path (the model-only ratio).
 Both training loops read images decoded once into a uint8 array (a memmap, batches prefetched),
 with bf16 autocast and channels-last where `auto` picks them. Each loop is timed over a window
 (10 s on a CPU, 5 s on a GPU) after one warm-up step, the loops alternate, and every figure
