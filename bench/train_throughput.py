@@ -1,14 +1,16 @@
 """Training throughput against the machine's limit, and the training step now against before.
 
 before:    the training step as it was (the plain eager loop): augmentation inline, the optimiser's
-           per-parameter loop, the moving average tensor by tensor.
+           per-parameter loop, the moving average tensor by tensor, bf16 wherever the CPU has it
+           natively (faster or not).
 now:       the training stage's step (tasks/model/training.py): fused optimiser, the moving average
            in one call, convolutions on maps of at most 3x3 in NCHW with their bf16 weight gradient
-           as one matrix multiply (tasks/model/smallmaps.py).
+           as one matrix multiply (tasks/model/smallmaps.py), bf16 only where this CPU's bf16
+           matrix multiply is measured faster than its fp32 one.
 ceiling:   the same model (small maps included), precision and layout on synthetic tensors
            already on the device: what training costs with a free data path (the model-only ratio).
 Both training loops read images decoded once into a uint8 array (a memmap, batches prefetched),
-with bf16 autocast and channels-last where `auto` picks them. Each loop is timed over a window
+with channels-last where `auto` picks it. Each loop is timed over a window
 (10 s on a CPU, 5 s on a GPU) after one warm-up step, the loops alternate, and every figure
 divides the images a loop processed by its time; medians of the repeats. The model's FLOPs per
 image are counted with torch.utils.flop_counter (a multiply-add is two), so images/s become
@@ -44,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.measure import machine, spread  # noqa: E402
 from agelens.tasks.data.decoding import decode_into  # noqa: E402
 from agelens.tasks.data.demo import DemoSpec, write_demo  # noqa: E402
-from agelens.tasks.model.inference import IMAGENET_MEAN, IMAGENET_STD, Runtime, prepare  # noqa: E402
+from agelens.tasks.model.inference import IMAGENET_MEAN, IMAGENET_STD, Runtime, native_bf16_cpu, prepare  # noqa: E402
 from agelens.tasks.model.backbones import build_model  # noqa: E402
 from agelens.tasks.model.heads import Head  # noqa: E402
 from agelens.tasks.model.recipes import RECIPES  # noqa: E402
@@ -270,6 +272,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a smoke run: 2 s windows, one repeat")
     args = parser.parse_args()
     runtime = Runtime.resolve(args.device, "auto", "auto")
+    # The step as it was chose bf16 wherever the CPU has it natively, faster or not.
+    was = Runtime(runtime.device, native_bf16_cpu() if runtime.device.type == "cpu" else runtime.bf16,
+                  runtime.channels_last)
     window = args.seconds or (2.0 if args.quick else 5.0 if runtime.device.type == "cuda" else 10.0)
     repeats = 1 if args.quick else args.repeats
 
@@ -278,7 +283,7 @@ def main() -> None:
     steps = max(3, math.ceil(window / (seconds / 2)))
     files = ensure_images(args.images, args.batch_size * (steps + 1))
     labels = labels_of(files)
-    loops = {"before": lambda: before_loop(array, labels, args.backbone, args.batch_size, steps, runtime, args.recipe),
+    loops = {"before": lambda: before_loop(array, labels, args.backbone, args.batch_size, steps, was, args.recipe),
              "now": lambda: agelens_loop(array, labels, args.backbone, args.batch_size, steps, runtime, args.recipe),
              "ceiling": lambda: ceiling_loop(args.backbone, args.image_size, args.batch_size, steps, runtime)}
     if args.notebook:
@@ -297,14 +302,15 @@ def main() -> None:
     median = {k: statistics.median(v) for k, v in rates.items()}
     forward, trained = flops_per_image(args.backbone, args.image_size)
     peaks = {"fp32": peak_gflops(torch.float32, runtime.device)}
-    if runtime.bf16:
+    if runtime.bf16 or was.bf16:
         peaks["bf16"] = peak_gflops(torch.bfloat16, runtime.device)
     device = (torch.cuda.get_device_name(runtime.device) if runtime.device.type == "cuda"
               else f"{machine()}; {cpu_features()}")
     print(f"machine:   {device}; torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"workload:  {args.backbone} at {args.image_size} px, batch {args.batch_size}, recipe {args.recipe}, {steps} "
           f"timed steps ({args.batch_size * steps} images) per loop after 1 warm-up step, {repeats} alternating repeats; "
-          f"{'bf16' if runtime.bf16 else 'fp32'}, {'channels-last' if runtime.channels_last else 'NCHW'}")
+          f"{'bf16' if runtime.bf16 else 'fp32'}, {'channels-last' if runtime.channels_last else 'NCHW'}"
+          + (f" (before: {'bf16' if was.bf16 else 'fp32'})" if was.bf16 != runtime.bf16 else ""))
     print(f"flops:     {forward / 1e9:.3f} GFLOP per image forward, {trained / 1e9:.3f} per training image "
           "(torch.utils.flop_counter)")
     print("peak:      " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items())
