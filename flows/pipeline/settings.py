@@ -74,7 +74,9 @@ class RunSettings(BaseModel):
                                                           "of validation (benchmarks and smoke runs)")
     image_size: int = Field(224, ge=16, le=1024, description="images are resized to this square size")
     device: str = Field("auto", description="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
-    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto uses bf16 where it is faster")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto uses bf16 where it is faster: a GPU that has it, a CPU with native bf16 "
+                            "whose bf16 matrix multiply measures 1.3x its fp32 one")
     channels_last: Literal["auto", "on", "off"] = Field("auto", description="auto uses it where it is faster")
     eval_batch_size: int = Field(64, ge=1, le=65_536, description="batch size of inference (does not change results)")
     # embedding, feature maps, explanations
