@@ -6,13 +6,16 @@ before:    the training step as it was (the plain eager loop): augmentation inli
 now:       the training stage's step (tasks/model/training.py): fused optimiser, the moving average
            in one call, convolutions on maps of at most 3x3 in NCHW with their bf16 weight gradient
            as one matrix multiply (tasks/model/smallmaps.py), bf16 only where this CPU's bf16
-           matrix multiply is measured faster than its fp32 one.
-ceiling:   the same model (small maps included), precision and layout on synthetic tensors
-           already on the device: what training costs with a free data path (the model-only ratio).
+           matrix multiply is measured faster than its fp32 one, glibc's allocator keeping the
+           step's memory (tasks/model/heap.py).
+ceiling:   the same model (small maps included), precision, layout and allocator setting on
+           synthetic tensors already on the device: what training costs with a free data path
+           (the model-only ratio).
 Both training loops read images decoded once into a uint8 array (a memmap, batches prefetched),
 with channels-last where `auto` picks it. Each loop is timed over a window
-(10 s on a CPU, 5 s on a GPU) after one warm-up step, the loops alternate, and every figure
-divides the images a loop processed by its time; medians of the repeats. The model's FLOPs per
+(10 s on a CPU, 5 s on a GPU) after one warm-up step, each run of a loop in a fresh process (an
+allocator setting or a warm heap must not carry from one loop into the next), the loops
+alternate, and every figure divides the images a loop processed by its time; medians of the repeats. The model's FLOPs per
 image are counted with torch.utils.flop_counter (a multiply-add is two), so images/s become
 GFLOP/s, shown as a share of this machine's peak: a large fp32 matrix multiply on the same
 threads, and bf16 where the CPU has it natively. Targets: now >= 1.4x before; now >= 90% of the
@@ -29,6 +32,7 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import multiprocessing
 import os
 import statistics
 import sys
@@ -49,6 +53,7 @@ from agelens.tasks.data.demo import DemoSpec, write_demo  # noqa: E402
 from agelens.tasks.model.inference import IMAGENET_MEAN, IMAGENET_STD, Runtime, native_bf16_cpu, prepare  # noqa: E402
 from agelens.tasks.model.backbones import build_model  # noqa: E402
 from agelens.tasks.model.heads import Head  # noqa: E402
+from agelens.tasks.model.heap import kept_heap  # noqa: E402
 from agelens.tasks.model.recipes import RECIPES  # noqa: E402
 from agelens.tasks.model.smallmaps import for_small_maps  # noqa: E402
 from agelens.tasks.model.training import epoch_plan, train_one_epoch  # noqa: E402
@@ -142,13 +147,14 @@ def agelens_loop(array: np.ndarray, labels: np.ndarray, backbone, batch_size, st
         return train_one_epoch(model, array, labels, labels, plan, optimizer, runtime, generator, head, recipe,
                                scheduler, averaged)
 
-    epoch(epoch_plan(rows[:batch_size], batch_size, 1, generator))  # warm-up
-    plan = epoch_plan(rows[batch_size:], batch_size, steps, generator)
-    _sync(runtime.device)
-    began = time.perf_counter()
-    seen = epoch(plan)["images"]
-    _sync(runtime.device)
-    return seen, time.perf_counter() - began
+    with kept_heap():  # as fit() trains
+        epoch(epoch_plan(rows[:batch_size], batch_size, 1, generator))  # warm-up
+        plan = epoch_plan(rows[batch_size:], batch_size, steps, generator)
+        _sync(runtime.device)
+        began = time.perf_counter()
+        seen = epoch(plan)["images"]
+        _sync(runtime.device)
+        return seen, time.perf_counter() - began
 
 
 def before_loop(array: np.ndarray, labels: np.ndarray, backbone, batch_size, steps, runtime,
@@ -233,28 +239,56 @@ def cpu_features() -> str:
     return ", ".join(named) or "no AVX2"
 
 
-def ceiling_loop(backbone, size, batch_size, steps, runtime) -> tuple[int, float]:
-    """(images, seconds) of the model alone: synthetic tensors already on the device."""
+def ceiling_loop(backbone, size, batch_size, steps, runtime, recipe_name: str) -> tuple[int, float]:
+    """(images, seconds) of the model alone, with the step's optimiser: synthetic tensors already on the device."""
+    from agelens.tasks.model.training import optimiser
+
     torch.manual_seed(0)
     model = for_small_maps(prepare(build_model(backbone, 6, image_size=size), runtime), size).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    optimizer, _ = optimiser(model, RECIPES[recipe_name], 1e-4, 10 * steps)
     x = torch.randn(batch_size, 3, size, size, device=runtime.device)
     x = x.contiguous(memory_format=torch.channels_last) if runtime.channels_last else x
     y = torch.randint(0, 6, (batch_size,), device=runtime.device)
     seen = 0
-    for step in range(steps + 1):
-        if step == 1:
-            _sync(runtime.device)
-            began = time.perf_counter()
-        with runtime.autocast():
-            logits = model(x)
-        loss = torch.nn.functional.cross_entropy(logits.float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        seen += batch_size if step >= 1 else 0
-    _sync(runtime.device)
-    return seen, time.perf_counter() - began
+    with kept_heap():
+        for step in range(steps + 1):
+            if step == 1:
+                _sync(runtime.device)
+                began = time.perf_counter()
+            with runtime.autocast():
+                logits = model(x)
+            loss = torch.nn.functional.cross_entropy(logits.float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            seen += batch_size if step >= 1 else 0
+        _sync(runtime.device)
+        return seen, time.perf_counter() - began
+
+
+def run_loop(name: str, job: dict) -> tuple[int, float]:
+    """(images, seconds) of loop `name`: run in a fresh process (see the module's docstring)."""
+    array = (np.memmap(job["array"], dtype=np.uint8, mode="r", shape=job["shape"]) if job["array"] else None)
+    labels, backbone, size, batch_size, steps = job["labels"], job["backbone"], job["size"], job["batch"], job["steps"]
+    if name == "before":
+        return before_loop(array, labels, backbone, batch_size, steps, job["was"], job["recipe"])
+    if name == "now":
+        return agelens_loop(array, labels, backbone, batch_size, steps, job["runtime"], job["recipe"])
+    if name == "ceiling":
+        return ceiling_loop(backbone, size, batch_size, steps, job["runtime"], job["recipe"])
+    if name == "notebook":
+        return reference_loop(job["files"], labels, backbone, size, batch_size, steps, job["runtime"].device,
+                              job["workers"])
+    if name == "now, reference recipe":
+        return agelens_loop(array, labels, backbone, batch_size, steps, job["runtime"], "reference")
+    raise ValueError(name)
+
+
+def in_fresh_process(name: str, job: dict) -> tuple[int, float]:
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(run_loop, name, job).result()
 
 
 def main() -> None:
@@ -279,24 +313,20 @@ def main() -> None:
     repeats = 1 if args.quick else args.repeats
 
     # Steps for the window, from the ceiling's speed (the data-bound loops then take longer).
-    _, seconds = ceiling_loop(args.backbone, args.image_size, args.batch_size, 2, runtime)
+    _, seconds = ceiling_loop(args.backbone, args.image_size, args.batch_size, 2, runtime, args.recipe)
     steps = max(3, math.ceil(window / (seconds / 2)))
     files = ensure_images(args.images, args.batch_size * (steps + 1))
     labels = labels_of(files)
-    loops = {"before": lambda: before_loop(array, labels, args.backbone, args.batch_size, steps, was, args.recipe),
-             "now": lambda: agelens_loop(array, labels, args.backbone, args.batch_size, steps, runtime, args.recipe),
-             "ceiling": lambda: ceiling_loop(args.backbone, args.image_size, args.batch_size, steps, runtime)}
-    if args.notebook:
-        loops["notebook"] = lambda: reference_loop(files, labels, args.backbone, args.image_size, args.batch_size,
-                                                   steps, runtime.device, args.workers)
-        loops["now, reference recipe"] = lambda: agelens_loop(array, labels, args.backbone, args.batch_size, steps,
-                                                              runtime, "reference")
+    loops = ["before", "now", "ceiling"] + (["notebook", "now, reference recipe"] if args.notebook else [])
     with tempfile.TemporaryDirectory(dir=args.images) as scratch:
         array = decoded_array(files, args.image_size, Path(scratch))
+        job = {"array": array.filename, "shape": array.shape, "labels": labels, "files": files,
+               "backbone": args.backbone, "size": args.image_size, "batch": args.batch_size, "steps": steps,
+               "recipe": args.recipe, "runtime": runtime, "was": was, "workers": args.workers}
         rates = {name: [] for name in loops}
         for _ in range(repeats):  # alternating, so a slower minute of the machine hits every loop alike
-            for name, loop in loops.items():
-                images, took = loop()
+            for name in loops:
+                images, took = in_fresh_process(name, job)
                 assert images == args.batch_size * steps, (name, images)
                 rates[name].append(images / took)
     median = {k: statistics.median(v) for k, v in rates.items()}

@@ -4,7 +4,7 @@ import numpy as np
 import torch
 
 from bench.train_throughput import (agelens_loop, before_loop, ceiling_loop, decoded_array, ensure_images,
-                                   flops_per_image, labels_of, reference_loop)
+                                   flops_per_image, in_fresh_process, labels_of, reference_loop)
 from agelens.tasks.data.demo import DemoSpec, write_demo
 from agelens.tasks.model.inference import Runtime
 
@@ -22,7 +22,10 @@ def test_loops_count_the_images_they_processed_even_when_too_few_were_on_disk(tm
     assert agelens_loop(array, labels, "convnext_narrow", 4, 3, runtime)[0] == 12
     assert agelens_loop(array, labels, "convnext_narrow", 4, 3, runtime, "modern")[0] == 12
     assert before_loop(array, labels, "convnext_narrow", 4, 3, runtime, "modern")[0] == 12
-    assert ceiling_loop("convnext_narrow", 32, 4, 3, runtime)[0] == 12
+    assert ceiling_loop("convnext_narrow", 32, 4, 3, runtime, "modern")[0] == 12
+    job = {"array": array.filename, "shape": array.shape, "labels": labels, "files": files, "backbone": "convnext_narrow",
+           "size": 32, "batch": 4, "steps": 3, "recipe": "modern", "runtime": runtime, "was": runtime, "workers": 0}
+    assert in_fresh_process("now", job)[0] == 12  # what the benchmark runs: each loop in its own process
 
 
 def test_flops_are_counted_per_image_forward_and_for_a_training_step():

@@ -18,10 +18,10 @@ def test_only_convs_on_small_maps_are_chosen():
     assert small_map_convs(model, 224) == []  # 7x7 maps
 
 
-@pytest.mark.parametrize("stride,size,bias", [(1, 2, False), (2, 5, True), (1, 3, True)])
-def test_gradients_match_conv2d_in_fp32_and_bf16(stride, size, bias):
+@pytest.mark.parametrize("stride,size,bias,kernel", [(1, 2, False, 3), (2, 5, True, 3), (1, 3, True, 3), (2, 4, False, 1)])
+def test_gradients_match_conv2d_in_fp32_and_bf16(stride, size, bias, kernel):
     torch.manual_seed(0)
-    plain = nn.Conv2d(16, 24, 3, stride=stride, padding=1, bias=bias)
+    plain = nn.Conv2d(16, 24, kernel, stride=stride, padding=kernel // 2, bias=bias)
     small = copy.deepcopy(plain)
     small.__class__ = SmallMapConv2d
     x = torch.randn(4, 16, size, size).contiguous(memory_format=torch.channels_last)

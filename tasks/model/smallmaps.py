@@ -1,11 +1,11 @@
 """Convolutions on maps of a few positions (a ResNet's last stage at 64-80 px), trained faster on a CPU.
 
-On such maps oneDNN's channels-last kernels cost up to twice its NCHW ones, and its bf16 weight
-gradient runs at a third of the CPU's matrix-multiply speed (bench/train_throughput.py). So these
-convolutions run in NCHW, and in bf16 their weight gradient is one matrix multiply over the
-unfolded input patches. The module keeps nn.Conv2d's parameters and state-dict keys: a model trained
-with it loads into the plain one.
-"""
+On such maps oneDNN's channels-last kernels cost up to twice its NCHW ones, its weight gradient
+runs at a third (bf16) to a half (fp32) of the CPU's matrix-multiply speed, and its input gradient
+of a strided convolution at a half (bench/train_throughput.py). So these convolutions run in NCHW,
+their weight gradient is one matrix multiply over the unfolded input patches, and a strided one's
+input gradient one matrix multiply folded back. The module keeps nn.Conv2d's parameters and
+state-dict keys: a model trained with it loads into the plain one."""
 
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ from torch import nn
 SMALL_MAP_POSITIONS = 9  # output maps up to 3x3, where both effects were measured
 
 
-class _BF16Conv(torch.autograd.Function):
-    """conv2d whose weight gradient is unfold + matmul (the input gradient stays oneDNN's)."""
+class _MatmulConv(torch.autograd.Function):
+    """conv2d whose weight gradient is unfold + matmul, and whose input gradient is matmul + fold
+    where the convolution strides (oneDNN's is used for stride 1, where it is as fast)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, stride, padding):
@@ -29,17 +30,21 @@ class _BF16Conv(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         grad = grad.contiguous()
+        n, out_channels = grad.shape[:2]
+        grad_rows = grad.reshape(n, out_channels, -1).transpose(0, 1).reshape(out_channels, -1)  # (out, N*L)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.ops.aten.convolution_backward(
-                grad, x, weight, None, list(ctx.stride), list(ctx.padding), [1, 1], False, [0, 0], 1,
-                [True, False, False])[0]
+            if tuple(ctx.stride) == (1, 1):
+                grad_x = torch.ops.aten.convolution_backward(
+                    grad, x, weight, None, list(ctx.stride), list(ctx.padding), [1, 1], False, [0, 0], 1,
+                    [True, False, False])[0]
+            else:
+                columns = weight.reshape(out_channels, -1).t() @ grad_rows  # (C*kh*kw, N*L)
+                columns = columns.view(columns.shape[0], n, -1).transpose(0, 1)
+                grad_x = F.fold(columns, x.shape[-2:], weight.shape[-2:], padding=ctx.padding, stride=ctx.stride)
         if ctx.needs_input_grad[1]:
-            n, out_channels = grad.shape[:2]
             patches = F.unfold(x, weight.shape[-2:], padding=ctx.padding, stride=ctx.stride)  # (N, C*kh*kw, L)
-            positions = patches.shape[-1]
-            grad_rows = grad.reshape(n, out_channels, positions).transpose(0, 1).reshape(out_channels, -1)
-            grad_w = (grad_rows @ patches.transpose(1, 2).reshape(n * positions, -1)).view_as(weight)
+            grad_w = (grad_rows @ patches.transpose(1, 2).reshape(-1, patches.shape[1])).view_as(weight)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad.sum((0, 2, 3))
         return grad_x, grad_w, grad_b, None, None
@@ -55,8 +60,8 @@ class SmallMapConv2d(nn.Conv2d):
             weight = self.weight.to(torch.bfloat16, memory_format=torch.contiguous_format)
             bias = None if self.bias is None else self.bias.to(torch.bfloat16)
             with torch.autocast("cpu", enabled=False):
-                return _BF16Conv.apply(x.to(torch.bfloat16), weight, bias, self.stride, self.padding)
-        return F.conv2d(x, self.weight.contiguous(), self.bias, self.stride, self.padding)
+                return _MatmulConv.apply(x.to(torch.bfloat16), weight, bias, self.stride, self.padding)
+        return _MatmulConv.apply(x, self.weight.contiguous(), self.bias, self.stride, self.padding)
 
 
 def _eligible(conv: nn.Module) -> bool:

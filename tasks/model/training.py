@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from agelens.tasks.core.errors import DataError
 from agelens.tasks.data.arrays import batch_rows, batches
 from agelens.tasks.model.heads import Head
+from agelens.tasks.model.heap import kept_heap
 from agelens.tasks.model.inference import Runtime, normalise, predict_logits, prepare, to_float
 from agelens.tasks.model.recipes import Recipe
 from agelens.tasks.model.smallmaps import for_small_maps
@@ -232,7 +233,7 @@ def fit(model, array: np.ndarray, targets: np.ndarray, labels: np.ndarray, train
         history, timings, best, start = saved["history"], saved["timings"], saved["best"], saved["epoch"] + 1
         if log:
             log.info("resuming from the checkpoint of epoch %d of %d (%s)", saved["epoch"], epochs, checkpoint)
-    with private_rng(runtime):
+    with private_rng(runtime), kept_heap():
         for epoch in range(start, epochs + 1):
             this_seed = epoch_seed(settings["seed"], epoch)
             torch.manual_seed(this_seed)
