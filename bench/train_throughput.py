@@ -7,7 +7,8 @@ now:       the training stage's step (tasks/model/training.py): fused optimiser,
            in one call, convolutions on maps of at most 3x3 in NCHW with their bf16 weight gradient
            as one matrix multiply (tasks/model/smallmaps.py), bf16 only where this CPU's bf16
            matrix multiply is measured faster than its fp32 one, glibc's allocator keeping the
-           step's memory (tasks/model/heap.py).
+           step's memory (tasks/model/heap.py), a ResNet's stem ReLU after its max pool
+           (tasks/model/stem.py).
 ceiling:   the same model (small maps included), precision, layout and allocator setting on
            synthetic tensors already on the device: what training costs with a free data path
            (the model-only ratio).
@@ -55,8 +56,7 @@ from agelens.tasks.model.backbones import build_model  # noqa: E402
 from agelens.tasks.model.heads import Head  # noqa: E402
 from agelens.tasks.model.heap import kept_heap  # noqa: E402
 from agelens.tasks.model.recipes import RECIPES  # noqa: E402
-from agelens.tasks.model.smallmaps import for_small_maps  # noqa: E402
-from agelens.tasks.model.training import epoch_plan, train_one_epoch  # noqa: E402
+from agelens.tasks.model.training import epoch_plan, for_training, train_one_epoch  # noqa: E402
 
 
 def ensure_images(folder: Path, needed: int) -> list[Path]:
@@ -135,7 +135,7 @@ def agelens_loop(array: np.ndarray, labels: np.ndarray, backbone, batch_size, st
     from agelens.tasks.model.training import Averaged, optimiser
 
     torch.manual_seed(0)
-    model = for_small_maps(prepare(build_model(backbone, 6, image_size=array.shape[1]), runtime), array.shape[1])
+    model = for_training(build_model(backbone, 6, image_size=array.shape[1]), runtime, array.shape[1])
     recipe = RECIPES[recipe_name]
     optimizer, scheduler = optimiser(model, recipe, 1e-4, 10 * steps)
     averaged = Averaged(model, recipe.ema, 10 * steps) if recipe.ema else None
@@ -244,7 +244,7 @@ def ceiling_loop(backbone, size, batch_size, steps, runtime, recipe_name: str) -
     from agelens.tasks.model.training import optimiser
 
     torch.manual_seed(0)
-    model = for_small_maps(prepare(build_model(backbone, 6, image_size=size), runtime), size).train()
+    model = for_training(build_model(backbone, 6, image_size=size), runtime, size).train()
     optimizer, _ = optimiser(model, RECIPES[recipe_name], 1e-4, 10 * steps)
     x = torch.randn(batch_size, 3, size, size, device=runtime.device)
     x = x.contiguous(memory_format=torch.channels_last) if runtime.channels_last else x

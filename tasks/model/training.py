@@ -27,6 +27,7 @@ from agelens.tasks.model.heap import kept_heap
 from agelens.tasks.model.inference import Runtime, normalise, predict_logits, prepare, to_float
 from agelens.tasks.model.recipes import Recipe
 from agelens.tasks.model.smallmaps import for_small_maps
+from agelens.tasks.model.stem import relu_after_stem_pool
 
 BRIGHTNESS = CONTRAST = 0.2  # the reference's ColorJitter(0.2, 0.2)
 SATURATION = 0.2  # the strong policy's, in addition
@@ -209,6 +210,12 @@ def optimiser(model: torch.nn.Module, recipe: Recipe, lr: float, total_steps: in
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def for_training(model: torch.nn.Module, runtime: Runtime, image_size: int) -> torch.nn.Module:
+    """`model` on the runtime's device and layout, in the form that trains fastest there: the same
+    function and state-dict keys."""
+    return relu_after_stem_pool(for_small_maps(prepare(model, runtime), image_size))
+
+
 def fit(model, array: np.ndarray, targets: np.ndarray, labels: np.ndarray, train_rows: np.ndarray,
         val_rows: np.ndarray, settings: dict, runtime: Runtime, checkpoint: Path, head: Head, recipe: Recipe,
         log=None, on_epoch=None) -> dict:
@@ -216,7 +223,7 @@ def fit(model, array: np.ndarray, targets: np.ndarray, labels: np.ndarray, train
     for validation), checkpointing each epoch into `checkpoint` and resuming from it when present.
     `on_epoch(epoch, row)` is called after each epoch. Returns history, timings, the best epoch and
     its weights (the moving average's, when the recipe keeps one)."""
-    model = for_small_maps(prepare(model, runtime), image_size=array.shape[1])
+    model = for_training(model, runtime, array.shape[1])
     epochs, batch_size = settings["epochs"], settings["batch_size"]
     steps_per_epoch = len(batch_rows(np.asarray(train_rows), batch_size, settings["max_steps"]))
     optimizer, scheduler = optimiser(model, recipe, settings["lr"], epochs * steps_per_epoch)
