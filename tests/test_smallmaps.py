@@ -7,13 +7,15 @@ import torch
 from torch import nn
 
 from agelens.tasks.model.backbones import build_model
-from agelens.tasks.model.smallmaps import SmallMapConv2d, for_small_maps, small_map_convs
+from agelens.tasks.model.smallmaps import NCHWConv2d, SmallMapConv2d, for_small_maps, small_map_convs
 
 
 def test_only_convs_on_small_maps_are_chosen():
     model = build_model("resnet10", 6, image_size=64)  # layer4 runs on 2x2 maps, layer3 on 4x4
     chosen = small_map_convs(model, 64)
     assert sorted(chosen) == ["layer4.0.conv1", "layer4.0.conv2", "layer4.0.downsample.0"]
+    assert sorted(small_map_convs(model, 64, 16)) == sorted(chosen + ["layer3.0.conv1", "layer3.0.conv2",
+                                                                      "layer3.0.downsample.0"])
     assert model.training
     assert small_map_convs(model, 224) == []  # 7x7 maps
 
@@ -44,7 +46,9 @@ def test_a_model_trains_alike_and_keeps_its_keys():
     torch.manual_seed(0)
     plain = build_model("resnet10", 6, image_size=64)
     fast = for_small_maps(copy.deepcopy(plain), 64)
-    assert isinstance(fast.layer4[0].conv2, SmallMapConv2d) and type(fast.layer3[0].conv2) is nn.Conv2d
+    assert isinstance(fast.layer4[0].conv2, SmallMapConv2d) and type(fast.layer3[0].conv2) is NCHWConv2d
+    assert type(fast.layer2[0].conv2) is nn.Conv2d
+    fast = fast.to(memory_format=torch.channels_last)  # as training runs it: layer3 converts to NCHW
     assert fast.state_dict().keys() == plain.state_dict().keys()
     x, y = torch.randn(8, 3, 64, 64), torch.randint(0, 6, (8,))
     for model in (plain, fast):

@@ -1,11 +1,12 @@
-"""Convolutions on maps of a few positions (a ResNet's last stage at 64-80 px), trained faster on a CPU.
+"""Convolutions on maps of a few positions (a ResNet's last stages at 64-80 px), trained faster on a CPU.
 
 On such maps oneDNN's channels-last kernels cost up to twice its NCHW ones, its weight gradient
 runs at a third (bf16) to a half (fp32) of the CPU's matrix-multiply speed, and its input gradient
-of a strided convolution at a half (bench/train_throughput.py). So these convolutions run in NCHW,
-their weight gradient is one matrix multiply over the unfolded input patches, and a strided one's
-input gradient one matrix multiply folded back. The module keeps nn.Conv2d's parameters and
-state-dict keys: a model trained with it loads into the plain one."""
+of a strided convolution at a half (bench/train_throughput.py). So convolutions on maps of at most
+3x3 run in NCHW, their weight gradient is one matrix multiply over the unfolded input patches, and
+a strided one's input gradient one matrix multiply folded back. On 4x4 maps NCHW alone pays in
+fp32 (2% of a ResNet-10 step at 64 px); the matrix multiplies do not. The modules keep
+nn.Conv2d's parameters and state-dict keys: a model trained with them loads into the plain one."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 SMALL_MAP_POSITIONS = 9  # output maps up to 3x3, where both effects were measured
+NCHW_MAP_POSITIONS = 16  # output maps up to 4x4: NCHW in fp32
 
 
 class _MatmulConv(torch.autograd.Function):
@@ -64,20 +66,28 @@ class SmallMapConv2d(nn.Conv2d):
         return _MatmulConv.apply(x, self.weight.contiguous(), self.bias, self.stride, self.padding)
 
 
+class NCHWConv2d(nn.Conv2d):
+    """nn.Conv2d in NCHW in fp32, for maps of at most NCHW_MAP_POSITIONS (bf16 was not measured faster)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_autocast_enabled(x.device.type):
+            return super().forward(x)
+        return F.conv2d(x.contiguous(), self.weight.contiguous(), self.bias, self.stride, self.padding)
+
+
 def _eligible(conv: nn.Module) -> bool:
     return (type(conv) is nn.Conv2d and conv.groups == 1 and conv.dilation == (1, 1)
             and conv.padding_mode == "zeros" and not isinstance(conv.padding, str))
 
 
-def small_map_convs(model: nn.Module, image_size: int) -> list[str]:
-    """Names of the plain convolutions whose output map has at most SMALL_MAP_POSITIONS positions
-    for a square input of `image_size`."""
+def small_map_convs(model: nn.Module, image_size: int, positions: int = SMALL_MAP_POSITIONS) -> list[str]:
+    """Names of the plain convolutions whose output map has at most `positions` positions for a
+    square input of `image_size`."""
     found, hooks, was_training = [], [], model.training
     for name, module in model.named_modules():
         if _eligible(module):
             hooks.append(module.register_forward_hook(
-                lambda m, _, out, name=name: found.append(name) if out.shape[-2] * out.shape[-1] <= SMALL_MAP_POSITIONS
-                else None))
+                lambda m, _, out, name=name: found.append(name) if out.shape[-2] * out.shape[-1] <= positions else None))
     try:
         device = next(model.parameters()).device
         with torch.no_grad():
@@ -90,12 +100,13 @@ def small_map_convs(model: nn.Module, image_size: int) -> list[str]:
 
 
 def for_small_maps(model: nn.Module, image_size: int) -> nn.Module:
-    """`model`, its convolutions on small maps made SmallMapConv2d in place (CPU training only:
-    other devices have no such gap)."""
+    """`model`, its convolutions on small maps made SmallMapConv2d or NCHWConv2d in place (CPU
+    training only: other devices have no such gap)."""
     if next(model.parameters()).device.type != "cpu":
         return model
-    for name in small_map_convs(model, image_size):
+    smallest = set(small_map_convs(model, image_size))
+    for name in small_map_convs(model, image_size, NCHW_MAP_POSITIONS):
         conv = model.get_submodule(name)
-        conv.__class__ = SmallMapConv2d  # same parameters, buffers and keys; only forward differs
+        conv.__class__ = SmallMapConv2d if name in smallest else NCHWConv2d  # only forward differs
         conv.weight.data = conv.weight.data.contiguous()
     return model
