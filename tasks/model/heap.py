@@ -18,13 +18,14 @@ import threading
 from collections.abc import Iterator
 from functools import lru_cache
 
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3  # glibc's malloc.h
 KEPT_MMAP_THRESHOLD = 512 << 20  # blocks up to this come from the heap (ConvNeXt-Tiny's largest at 224 px: 154 MB)
 KEPT_TRIM_THRESHOLD = 1 << 30  # free memory the heap keeps at its top before trimming
+KEPT_TOP_PAD = 64 << 20  # a thread's arena deletes a heap (64 MB) once all free unless this much must stay
 # Leaving, the thresholds glibc's own adaptive setting reaches once large blocks have been freed
 # (its mmap threshold stops at 32 MB, the trim threshold is twice that): mallopt cannot re-enable
 # the adaptation itself.
-SETTLED_MMAP_THRESHOLD, SETTLED_TRIM_THRESHOLD = 32 << 20, 64 << 20
+SETTLED_MMAP_THRESHOLD, SETTLED_TRIM_THRESHOLD, SETTLED_TOP_PAD = 32 << 20, 64 << 20, 128 << 10
 # The setting is the process's, and trainings may run in threads side by side: the last to leave resets it.
 _holders = {"count": 0, "lock": threading.Lock()}
 
@@ -57,6 +58,7 @@ def kept_heap() -> Iterator[None]:
         _holders["count"] += 1
         libc.mallopt(M_MMAP_THRESHOLD, KEPT_MMAP_THRESHOLD)
         libc.mallopt(M_TRIM_THRESHOLD, KEPT_TRIM_THRESHOLD)
+        libc.mallopt(M_TOP_PAD, KEPT_TOP_PAD)
     try:
         yield
     finally:
@@ -65,4 +67,5 @@ def kept_heap() -> Iterator[None]:
             if _holders["count"] == 0:
                 libc.mallopt(M_MMAP_THRESHOLD, SETTLED_MMAP_THRESHOLD)
                 libc.mallopt(M_TRIM_THRESHOLD, SETTLED_TRIM_THRESHOLD)
+                libc.mallopt(M_TOP_PAD, SETTLED_TOP_PAD)
                 libc.malloc_trim(0)
