@@ -4,8 +4,9 @@ A training step frees its activations and allocates them again in the next step.
 glibc returns blocks of that size to the kernel (munmap, or trimming the heap's top), so every
 step faults its pages in and the kernel zeroes them again: some 10,000 page faults and 20 ms of
 system time in a ResNet-10 step at 64 px, batch 64 (bench/train_throughput.py). Inside
-`kept_heap()` those blocks stay in the process and are reused; on leaving, the free memory goes
-back to the kernel. Elsewhere than glibc (macOS, musl) it changes nothing.
+`kept_heap()` those blocks stay in the process and are reused, in the main thread's heap and in
+a worker thread's arena (where the pipeline trains); on leaving, the free memory goes back to the
+kernel. Elsewhere than glibc (macOS, musl) it changes nothing.
 """
 
 from __future__ import annotations
