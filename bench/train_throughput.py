@@ -4,8 +4,8 @@ before:    the training step as it was (the plain eager loop): augmentation inli
            per-parameter loop, the moving average tensor by tensor, bf16 wherever the CPU has it
            natively (faster or not).
 now:       the training stage's step (tasks/model/training.py): fused optimiser, the moving average
-           in one call, convolutions on maps of at most 3x3 in NCHW with their bf16 weight gradient
-           as one matrix multiply (tasks/model/smallmaps.py), bf16 only where this CPU's bf16
+           in one call, convolutions on maps of at most 3x3 in NCHW with matrix-multiply
+           gradients and on 4x4 maps in NCHW (tasks/model/smallmaps.py), bf16 only where this CPU's bf16
            matrix multiply is measured faster than its fp32 one, glibc's allocator keeping the
            step's memory (tasks/model/heap.py), a ResNet's stem ReLU after its max pool
            (tasks/model/stem.py).
