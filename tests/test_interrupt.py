@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
@@ -45,6 +46,17 @@ def saved_epoch(out: Path, since: float = 0.0) -> int:
     return 0
 
 
+def this_run(server, launched: float) -> dict:
+    """The flow run `agelens run` started at `launched` on the shared test server: other tests' deployments
+    leave scheduled runs there, so the newest run by start time alone may not be ours."""
+    since = datetime.fromtimestamp(launched - 1, timezone.utc).isoformat()
+    found = server.api("POST", "/flow_runs/filter", json={
+        "flow_runs": {"start_time": {"after_": since}, "deployment_id": {"is_null_": True}},
+        "sort": "START_TIME_DESC"})
+    assert len(found) == 1, [(r["name"], r["state_type"]) for r in found]
+    return found[0]
+
+
 @pytest.mark.slow
 def test_ctrl_c_and_sigterm_stop_a_run_within_seconds_and_say_where_training_resumes(server, small_cacd, tmp_path):
     meta = str(small_cacd / "celebrity2000_meta.mat")
@@ -71,7 +83,7 @@ def test_ctrl_c_and_sigterm_stop_a_run_within_seconds_and_say_where_training_res
         assert told and int(told[1]) == int(told[2]) + 1, said
         stopped = int(told[2])
         assert stopped >= epoch
-        newest = server.api("POST", "/flow_runs/filter", json={"sort": "START_TIME_DESC", "limit": 1})[0]
+        newest = this_run(server, launched)
         assert newest["state_type"] == "CANCELLED", newest["state"]
         assert not [p for p in (out / "train").iterdir() if p.is_dir() and "." not in p.name]  # nothing served
     # What the next run does with the saved epoch is tested in tests/test_training.py (exact resume).
