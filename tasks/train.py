@@ -23,7 +23,7 @@ class TrainSummary(Summary):
 
 STAGE = Stage("train", TrainSummary, needs=("decode",), inputs=("weights",), uses=("device", "eval_batch_size"),
               reads=("backbone", "epochs", "batch_size", "lr", "recipe", "head", "max_steps", "seed", "precision",
-                     "channels_last"),
+                     "channels_last", "start_size"),
               outputs=("model", "history", "curves", "timings", "config"))
 
 

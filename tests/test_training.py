@@ -13,7 +13,7 @@ from agelens.tasks.model.inference import Runtime
 from agelens.tasks.model.backbones import build_model, last_linear_name, minimum_image_size
 from agelens.tasks.model.heads import Head
 from agelens.tasks.model.recipes import RECIPES
-from agelens.tasks.model.training import augment, fit
+from agelens.tasks.model.training import augment, epoch_image_size, fit
 
 SETTINGS = {"epochs": 3, "batch_size": 16, "lr": 1e-3, "seed": 4, "max_steps": None, "eval_batch_size": 64}
 
@@ -93,6 +93,25 @@ def test_augment_draws_per_image_and_is_seeded():
     assert a.min() >= 0 and a.max() <= 1
 
 
+def test_progressive_sizes_grow_in_steps_of_8_to_the_full_size_by_three_quarters_of_the_epochs():
+    sizes = [epoch_image_size(e, 24, 80, 56) for e in range(1, 25)]
+    assert sizes[0] == 56 and sizes[17:] == [80] * 7 and sizes[16] == 72  # full from epoch 18 = 0.75 * 24
+    assert sizes == sorted(sizes) and all(s % 8 == 0 for s in sizes) and set(sizes) == {56, 64, 72, 80}
+    assert [epoch_image_size(e, 24, 80, 60) for e in (1, 24)] == [60, 80]  # a start off the 8-pixel grid is kept
+    assert [epoch_image_size(e, 24, 80, None) for e in (1, 12, 24)] == [80, 80, 80]
+    assert epoch_image_size(1, 1, 80, 56) == 80  # one epoch: nothing to ramp over
+
+
+def test_augment_resizes_to_the_epochs_size_with_antialiasing():
+    x = torch.zeros(4, 3, 16, 16)
+    x[..., ::2] = 1.0  # stripes one pixel wide: sampled without antialiasing they would survive or vanish
+    for policy in ("reference", "strong"):
+        small = augment(x.clone(), torch.Generator().manual_seed(0), policy, size=8)
+        assert small.shape == (4, 3, 8, 8)
+        assert small.std(dim=(2, 3)).max() < 0.1  # averaged to grey, not aliased
+    assert augment(x.clone(), torch.Generator().manual_seed(0), "reference", size=16).shape == x.shape
+
+
 def test_mixup_mixes_each_image_with_another_by_one_drawn_share():
     from agelens.tasks.model.training import mixup
 
@@ -162,6 +181,23 @@ def test_kept_epoch_has_the_lowest_validation_loss_and_steps_are_capped(tmp_path
     assert result["best_epoch"] == int(np.argmin(losses)) + 1
     assert [r["kept"] for r in result["history"]] == [e == result["best_epoch"] for e in range(1, 5)]
     assert [t["images"] for t in result["timings"]] == [2 * 16] * 4  # --max-steps 2 of batch 16
+
+
+def test_progressive_resizing_trains_each_epoch_at_its_size_and_validates_at_the_full_size(tmp_path):
+    images, labels = _toy_data(3, n=64, size=48)
+    seen: list[tuple[bool, int]] = []
+    torch.manual_seed(0)
+    model = build_model("convnext_narrow", 3)
+    model.register_forward_pre_hook(lambda module, args: seen.append((module.training, args[0].shape[-1])))
+    settings = {**SETTINGS, "epochs": 4, "start_size": 32}
+    result = fit(model, images, labels, labels, np.arange(48), np.arange(48, 64), settings,
+                 Runtime.resolve("cpu", "fp32", "auto"), tmp_path / "c.pt", Head("classes", ("a", "b", "c")),
+                 RECIPES["modern"])
+    trained = [size for training, size in seen if training]
+    assert trained == [32] * 3 + [40] * 3 + [48] * 6  # 3 batches of 16 an epoch; full from epoch 3 = 0.75 * 4
+    assert {size for training, size in seen if not training} == {48}
+    assert [t["image_size"] for t in result["timings"]] == [32, 40, 48, 48]
+    assert all(np.isfinite(r["val_loss"]) for r in result["history"])
 
 
 def test_image_size_below_a_backbones_minimum_is_found():

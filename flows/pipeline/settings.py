@@ -73,6 +73,10 @@ class RunSettings(BaseModel):
     max_steps: int | None = Field(None, ge=1, le=10**9, description="at most this many batches per epoch, of training and "
                                                           "of validation (benchmarks and smoke runs)")
     image_size: int = Field(224, ge=16, le=1024, description="images are resized to this square size")
+    start_size: int | None = Field(None, ge=16, le=1024, description="progressive resizing: training starts at this "
+                                                                     "size and grows to --image-size by three "
+                                                                     "quarters of the epochs (validation and test at "
+                                                                     "--image-size); none: --image-size throughout")
     device: str = Field("auto", description="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="auto uses bf16 where it is faster: a GPU that has it, a CPU with native bf16 "
@@ -141,6 +145,8 @@ class RunSettings(BaseModel):
     def _fractions(self):
         if self.val_frac + self.test_frac >= 1:
             raise ValueError(f"val_frac + test_frac must leave images to train on, not {self.val_frac + self.test_frac}")
+        if self.start_size is not None and self.start_size > self.image_size:
+            raise ValueError(f"--start-size ({self.start_size}) must not exceed --image-size ({self.image_size})")
         return self
 
     @property

@@ -55,6 +55,9 @@ def check_model_settings(settings, will_run: set[str]) -> list[str]:
     problem = size_problem(settings.backbone, settings.image_size)
     if problem is not None:
         raise ConfigError("; ".join([*problems, f"--image-size {problem}"]))
+    problem = None if settings.start_size is None else size_problem(settings.backbone, settings.start_size)
+    if problem is not None:
+        raise ConfigError("; ".join([*problems, f"--start-size {problem}"]))
     model = build_model(settings.backbone, 2, image_size=settings.image_size)
     wanted = []
     if "featuremaps" in will_run:

@@ -35,14 +35,18 @@ SCALE = (0.75, 1.0)  # the strong policy: share of the image side kept by the ra
 ERASE = 0.25  # the strong policy: chance of erasing a random rectangle (2-15% of the image)
 
 
-def augment(x: torch.Tensor, generator: torch.Generator, policy: str = "reference") -> torch.Tensor:
+def augment(x: torch.Tensor, generator: torch.Generator, policy: str = "reference",
+            size: int | None = None) -> torch.Tensor:
     """Augmentation drawn per image, on float images in [0, 1]. `reference`: random horizontal flip
     and ColorJitter(brightness, contrast). `strong`: also saturation, a random crop of 75-100% of
-    the side at a random place (scaled back up), and random erasing. Written here because
-    torchvision's tensor transforms draw one factor per call, i.e. per batch, where the
-    reference (PIL, per image) draws one per image."""
+    the side at a random place (scaled back up), and random erasing. `size`: the images are first
+    resized (antialiased) to that square size. Written here because torchvision's tensor
+    transforms draw one factor per call, i.e. per batch, where the reference (PIL, per image)
+    draws one per image."""
     n = x.shape[0]
     draws = torch.rand(n, 10, generator=generator).to(x.device)
+    if size is not None and tuple(x.shape[-2:]) != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     flip = (draws[:, 0] < 0.5).view(n, 1, 1, 1)
     x = torch.where(flip, x.flip(3), x)
     if policy == "strong":
@@ -85,6 +89,22 @@ def mixup(x: torch.Tensor, alpha: float, generator: torch.Generator) -> tuple[to
     return share * x + (1 - share) * x[other], other, share
 
 
+RAMP_SHARE = 0.75  # progressive resizing reaches the full size after this share of the epochs
+
+
+def epoch_image_size(epoch: int, epochs: int, full: int, start: int | None) -> int:
+    """The side trained on in `epoch` (1-based) under progressive resizing (as FFCV's ResNet
+    recipes): from `start` at the first epoch, linearly, to `full` by RAMP_SHARE of the epochs, in
+    steps of 8 pixels (rounded down); `full` throughout when `start` is None."""
+    if start is None or start >= full:
+        return full
+    last_ramp = max(1, round(RAMP_SHARE * epochs))
+    if epoch >= last_ramp:
+        return full
+    side = start + (full - start) * (epoch - 1) / max(1, last_ramp - 1)
+    return min(full, max(start, int(side) // 8 * 8))
+
+
 def epoch_plan(rows: np.ndarray, batch_size: int, max_steps: int | None, generator: torch.Generator) -> list[np.ndarray]:
     """This epoch's batches: the rows shuffled by `generator`, cut into batches (each read sorted)."""
     order = torch.randperm(len(rows), generator=generator).numpy()
@@ -122,16 +142,17 @@ class Averaged:
 
 def train_one_epoch(model, array: np.ndarray, targets: np.ndarray, labels: np.ndarray, plan: list[np.ndarray],
                     optimizer, runtime: Runtime, generator: torch.Generator, head: Head, recipe: Recipe,
-                    scheduler=None, averaged: Averaged | None = None, desc: str = "") -> dict:
-    """One pass over `plan`. `targets[row]` is what each array row is trained on (its class, or
-    its age for the ages head), `labels[row]` its class. Returns loss, accuracy and images seen."""
+                    scheduler=None, averaged: Averaged | None = None, desc: str = "", size: int | None = None) -> dict:
+    """One pass over `plan`, on images resized to `size` (None: the array's). `targets[row]` is
+    what each array row is trained on (its class, or its age for the ages head), `labels[row]`
+    its class. Returns loss, accuracy and images seen."""
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
     # Augmenting in the loader's thread instead was slower on 2 cores (its ops contend with the
     # model's for the same threads; bench/train_throughput.py), so it stays here.
     for rows, batch in tqdm(batches(array, plan, runtime.device), total=len(plan), desc=desc, leave=False,
                             unit="batch", disable=None):
-        x = normalise(augment(to_float(batch, runtime), generator, recipe.augment))
+        x = normalise(augment(to_float(batch, runtime), generator, recipe.augment, size))
         y = torch.from_numpy(targets[rows]).to(runtime.device)
         if recipe.mixup:
             x, other, share = mixup(x, recipe.mixup, generator)
@@ -246,9 +267,10 @@ def fit(model, array: np.ndarray, targets: np.ndarray, labels: np.ndarray, train
             torch.manual_seed(this_seed)
             generator = torch.Generator().manual_seed(this_seed)
             plan = epoch_plan(train_rows, batch_size, settings["max_steps"], generator)
+            size = epoch_image_size(epoch, epochs, array.shape[1], settings.get("start_size"))
             began = time.perf_counter()
             train_metrics = train_one_epoch(model, array, targets, labels, plan, optimizer, runtime, generator, head,
-                                            recipe, scheduler, averaged, desc=f"epoch {epoch}/{epochs}")
+                                            recipe, scheduler, averaged, desc=f"epoch {epoch}/{epochs}", size=size)
             seconds = time.perf_counter() - began
             val_size = settings["eval_batch_size"]
             capped = val_rows if settings["max_steps"] is None else val_rows[: settings["max_steps"] * val_size]
@@ -257,7 +279,7 @@ def fit(model, array: np.ndarray, targets: np.ndarray, labels: np.ndarray, train
             row = {"epoch": epoch, "train_loss": train_metrics["loss"], "train_acc": train_metrics["acc"],
                    "val_loss": val_metrics["loss"], "val_acc": val_metrics["acc"]}
             history.append(row)
-            timings.append({"epoch": epoch, "seconds": seconds, "images": train_metrics["images"],
+            timings.append({"epoch": epoch, "seconds": seconds, "images": train_metrics["images"], "image_size": size,
                             "images_per_s": train_metrics["images"] / seconds})
             if val_metrics["loss"] < best["val_loss"]:
                 best = {"epoch": epoch, "val_loss": val_metrics["loss"],
