@@ -19,6 +19,7 @@ class TrainSummary(Summary):
     bf16: bool
     training_seconds: float
     train_images_per_s: float
+    start_size: int | None = None  # progressive resizing's first size; None: the full size throughout
 
 
 STAGE = Stage("train", TrainSummary, needs=("decode",), inputs=("weights",), uses=("device", "eval_batch_size"),
@@ -91,7 +92,8 @@ def run(job: Job) -> dict:
             head=head.kind, recipe=recipe.name,
             epochs=settings["epochs"], resumed_from_epoch=result["resumed_from"], train_images=len(train_rows),
             val_images=len(val_rows), device=str(runtime.device), bf16=runtime.bf16, training_seconds=round(seconds, 2),
-            train_images_per_s=float(np.mean([t["images_per_s"] for t in result["timings"][-2:]])))
+            train_images_per_s=float(np.mean([t["images_per_s"] for t in result["timings"][-2:]])),
+            start_size=settings.get("start_size"))
         return out.finish(summary, {"backbone": settings["backbone"], "precision": settings["precision"],
                                     "channels_last": settings["channels_last"], "head": head.kind,
                                     "outputs": head.outputs, "tta": recipe.tta, "ages": ages is not None})
@@ -105,7 +107,8 @@ def report_section(view) -> list[str]:
     from agelens.tasks.reporting.markdown import escape, image
 
     s = view.summary
-    return [f"**{escape(view.context['backbone'])}** at {view.context['image_size']} px, {escape(s.head)} head, "
+    growing = f" (trained from {s.start_size} px up)" if s.start_size else ""
+    return [f"**{escape(view.context['backbone'])}** at {view.context['image_size']} px{growing}, {escape(s.head)} head, "
             f"{escape(s.recipe)} recipe, {s.epochs} epochs (kept epoch {s.best_epoch}, lowest val loss), trained on "
             f"{s.train_images} images.",
             "## Training curves", image(view.path("curves"), "loss and accuracy curves", 640)]

@@ -182,7 +182,7 @@ def test_unusable_settings_stop_before_any_work_and_every_bad_item_is_named(pref
                                                                   "it needs at least 32"),
         (["--backbone", "convnext_narrow", "--image-size", "64", "--start-size", "24"],
          "--start-size 24 is too small for convnext_narrow: it needs at least 32"),
-        (["--image-size", "64", "--start-size", "96"], "--start-size (96) must not exceed --image-size (64)"),
+        (["--image-size", "64", "--start-size", "96"], "--start-size: 96 must not exceed --image-size (64)"),
         (["--backbone", "convnext_narrow", "--image-size", "32", "--feature-layers", "features.99,classifier.2",
           "--cam-layer", "nope"], "--feature-layers: layer 'features.99' not found"),
         (["--backbone", "convnext_narrow", "--image-size", "32", "--explain-classes", "10s,70s"],

@@ -220,3 +220,20 @@ def test_metrics_equal_scikit_learn_on_a_hand_made_table():
     np.testing.assert_allclose(np.array(m["confusion"]).sum(1), 1)
     # |error| in decades: 20s->10s... by hand: 1 + 1 + 2 (30s->10s) + 3 (60s->30s) over 10 images
     assert m["mae_decades"] == pytest.approx((1 + 1 + 2 + 3) / 10)
+
+
+def test_the_report_says_when_training_grew_from_a_smaller_size(tmp_path):
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from agelens.tasks.train import TrainSummary, report_section
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "curves.png")
+    common = dict(best_epoch=3, best_val_loss=1.2, best_val_acc=0.4, epochs=4, resumed_from_epoch=0, train_images=48,
+                  val_images=16, device="cpu", bf16=False, training_seconds=1.0, train_images_per_s=50.0)
+    view = lambda summary: SimpleNamespace(summary=summary, context={"backbone": "resnet10", "image_size": 80},
+                                           path=lambda name: tmp_path / f"{name}.png")
+    grown = report_section(view(TrainSummary(**common, start_size=56)))[0]
+    plain = report_section(view(TrainSummary(**common)))[0]
+    assert grown.startswith("**resnet10** at 80 px (trained from 56 px up), ") and plain.startswith("**resnet10** at 80 px, ")

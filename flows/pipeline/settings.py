@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from agelens.flows.pipeline.graph import STAGE_NAMES
 from agelens.tasks.core.errors import ConfigError
@@ -134,6 +134,14 @@ class RunSettings(BaseModel):
                              "rename it, or reach it through a link with a UTF-8 name") from None
         return value
 
+    @field_validator("start_size")
+    @classmethod
+    def _start_below_full(cls, value: int | None, info: ValidationInfo) -> int | None:
+        full = info.data.get("image_size")
+        if value is not None and full is not None and value > full:
+            raise ValueError(f"{value} must not exceed --image-size ({full})")
+        return value
+
     @field_validator("device")
     @classmethod
     def _device(cls, value: str) -> str:
@@ -145,8 +153,6 @@ class RunSettings(BaseModel):
     def _fractions(self):
         if self.val_frac + self.test_frac >= 1:
             raise ValueError(f"val_frac + test_frac must leave images to train on, not {self.val_frac + self.test_frac}")
-        if self.start_size is not None and self.start_size > self.image_size:
-            raise ValueError(f"--start-size ({self.start_size}) must not exceed --image-size ({self.image_size})")
         return self
 
     @property
