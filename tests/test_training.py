@@ -104,10 +104,10 @@ def test_progressive_sizes_grow_in_steps_of_8_to_the_full_size_by_three_quarters
 
 def test_augment_resizes_to_the_epochs_size_with_antialiasing():
     x = torch.zeros(4, 3, 16, 16)
-    x[..., ::2] = 1.0  # stripes one pixel wide: sampled without antialiasing they would survive or vanish
+    x[..., ::2] = 1.0  # stripes one pixel wide: sampled at 16/6 without antialiasing they would survive in part
     for policy in ("reference", "strong"):
-        small = augment(x.clone(), torch.Generator().manual_seed(0), policy, size=8)
-        assert small.shape == (4, 3, 8, 8)
+        small = augment(x.clone(), torch.Generator().manual_seed(0), policy, size=6)
+        assert small.shape == (4, 3, 6, 6)
         assert small.std(dim=(2, 3)).max() < 0.1  # averaged to grey, not aliased
     assert augment(x.clone(), torch.Generator().manual_seed(0), "reference", size=16).shape == x.shape
 

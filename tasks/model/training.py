@@ -102,7 +102,7 @@ def epoch_image_size(epoch: int, epochs: int, full: int, start: int | None) -> i
     if epoch >= last_ramp:
         return full
     side = start + (full - start) * (epoch - 1) / max(1, last_ramp - 1)
-    return min(full, max(start, int(side) // 8 * 8))
+    return max(start, int(side) // 8 * 8)  # side <= full before the last ramp epoch
 
 
 def epoch_plan(rows: np.ndarray, batch_size: int, max_steps: int | None, generator: torch.Generator) -> list[np.ndarray]:
