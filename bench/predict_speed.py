@@ -54,12 +54,13 @@ def main() -> None:
         files = ensure_images(Path(tmp), args.images)
         decoded = np.stack([decode_one(f, args.image_size) for f in files])
         rows = np.arange(len(files))
-        predict(model, decoded[: args.batch_size], rows[: args.batch_size], runtime, args.batch_size, 1.3, True)  # warm-up
+        warm = slice(0, args.batch_size)
+        predict(model, decoded[warm], rows[warm], runtime, args.batch_size, scorer.head, 1.3, True)  # warm-up
         alone, ours = [], []
         for _ in range(args.repeats):
             began = time.perf_counter()
             with torch.no_grad():
-                predict(model, decoded, rows, runtime, args.batch_size, 1.3, True)
+                predict(model, decoded, rows, runtime, args.batch_size, scorer.head, 1.3, True)
             alone.append(len(files) / (time.perf_counter() - began))
             began = time.perf_counter()
             found, skipped = score([str(f) for f in files], scorer, detect=args.detect, batch_size=args.batch_size,

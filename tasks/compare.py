@@ -47,9 +47,10 @@ def champion_probs(champion: dict, paths: list[str], root, runtime, batch_size: 
     model = build_model(facts["backbone"], facts["outputs"], image_size=size)
     model.load_state_dict(load_file(Path(champion["path"]) / "model.safetensors"))
     model = prepare(model, runtime).eval()
-    outputs = predict(model, np.stack(pictures), np.arange(len(paths)), runtime, batch_size, facts["temperature"],
-                      facts["tta"])
-    return Head(facts["head"], tuple(facts["classes"])).class_probs(outputs)
+    head = Head(facts["head"], tuple(facts["classes"]))
+    outputs = predict(model, np.stack(pictures), np.arange(len(paths)), runtime, batch_size, head,
+                      facts["temperature"], facts["tta"])
+    return head.class_probs(outputs)
 
 
 def run(job: Job) -> dict:

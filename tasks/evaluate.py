@@ -65,8 +65,8 @@ def run(job: Job) -> dict:
             continue
         logits = torch.from_numpy(predict_logits(model, array, rows, runtime, job.settings["eval_batch_size"],
                                                  job.context["tta"]))
-        raw = head.class_probs(torch.softmax(logits, 1).numpy())
-        outputs = torch.softmax(logits / temperature, 1).numpy()
+        raw = head.class_probs(head.probabilities(logits).numpy())
+        outputs = head.probabilities(logits, temperature).numpy()
         probs = head.class_probs(outputs)
         actual = index.loc[rows, "class_index"].to_numpy()
         ages = index.loc[rows, "age"].to_numpy(dtype=float) if has_ages else None

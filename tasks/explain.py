@@ -55,30 +55,31 @@ def run(job: Job) -> dict:
     rows = np.concatenate(list(picked.values()))
     x = model_input(torch.from_numpy(array[rows]), runtime)
     clock = evidence.Clock()
-    trained = evidence.explain_batch(model, x, cam_layer, methods, clock=clock, autocast=runtime.autocast)
-    trained["labels"] = index.loc[rows, "label"].tolist()
     head = head_of(job.context)
-    # What the maps explain is one output (a year, for the ages head); people read its decade.
-    trained["predicted"] = [classes[c] for c in head.class_of_output(trained["targets"])]
-    trained["class_probs"] = head.class_probs(trained["probs"])
-    faithful, faith_images, faith_table = evidence.faithfulness(
-        model, x, trained, methods, settings["seed"], settings["faithfulness_steps"], runtime.autocast, clock)
-    with job.output() as out:
-        strips = _draw_maps(out, array, index, rows, trained, methods, cam_layer)
-        _draw_faithfulness(out, faithful, faith_images, faith_table)
-        summary = {"cam_layer": cam_layer, "methods": methods, "classes": list(picked), "images": len(rows),
-                   "predicted": dict(zip(strips, trained["predicted"])), "strips": strips,
-                   "faithfulness": evidence.records(faith_table)}
-        if settings["sanity_check"]:
-            steps, overview = evidence.randomisation(model, x, cam_layer, methods, trained, settings["seed"], clock,
-                                                     runtime.autocast)
-            logit = evidence.random_logit(model, x, cam_layer, methods, trained, head.outputs, clock, runtime.autocast,
-                                          step=10 if head.kind == "ages" else 1)
-            _draw_randomisation(out, steps, overview, logit)
-            summary.update(randomisation=evidence.records(overview), random_logit=evidence.records(logit))
-        for name, seconds in clock.seconds.items():
-            log.info("explain: %s took %.2f s", name, seconds)
-        return out.finish(ExplainSummary(**summary, seconds={n: round(s, 2) for n, s in clock.seconds.items()}))
+    with head.scored(model) as model:  # one score per class (per year for the ages head)
+        trained = evidence.explain_batch(model, x, cam_layer, methods, clock=clock, autocast=runtime.autocast)
+        trained["labels"] = index.loc[rows, "label"].tolist()
+        # What the maps explain is one output (a year, for the ages head); people read its decade.
+        trained["predicted"] = [classes[c] for c in head.class_of_output(trained["targets"])]
+        trained["class_probs"] = head.class_probs(trained["probs"])
+        faithful, faith_images, faith_table = evidence.faithfulness(
+            model, x, trained, methods, settings["seed"], settings["faithfulness_steps"], runtime.autocast, clock)
+        with job.output() as out:
+            strips = _draw_maps(out, array, index, rows, trained, methods, cam_layer)
+            _draw_faithfulness(out, faithful, faith_images, faith_table)
+            summary = {"cam_layer": cam_layer, "methods": methods, "classes": list(picked), "images": len(rows),
+                       "predicted": dict(zip(strips, trained["predicted"])), "strips": strips,
+                       "faithfulness": evidence.records(faith_table)}
+            if settings["sanity_check"]:
+                steps, overview = evidence.randomisation(model, x, cam_layer, methods, trained, settings["seed"], clock,
+                                                         runtime.autocast)
+                logit = evidence.random_logit(model, x, cam_layer, methods, trained, head.scores, clock, runtime.autocast,
+                                              step=10 if head.kind == "ages" else 1)
+                _draw_randomisation(out, steps, overview, logit)
+                summary.update(randomisation=evidence.records(overview), random_logit=evidence.records(logit))
+            for name, seconds in clock.seconds.items():
+                log.info("explain: %s took %.2f s", name, seconds)
+            return out.finish(ExplainSummary(**summary, seconds={n: round(s, 2) for n, s in clock.seconds.items()}))
 
 
 def _draw_maps(out, array, index, rows, trained: dict, methods: list[str], cam_layer: str) -> list[str]:

@@ -70,19 +70,25 @@ def write_csv_dataset(source: Path, target: Path) -> Path:
     return target / "labels.csv"
 
 
-def test_the_ages_head_runs_every_stage_and_a_rerun_skips_every_stage(prefect_backend, small_cacd, tmp_path):
-    """`--head ages` (one output per year) through every stage to the report; the same command
-    again is all cached, compare and report included (the first run made its model champion)."""
+@pytest.mark.parametrize("head", ["ages", "corn"])
+def test_a_head_runs_every_stage_and_a_rerun_skips_every_stage(prefect_backend, small_cacd, tmp_path, head):
+    """`--head ages` (one output per year) and `--head corn` (decades as ranks) through every stage
+    to the report; the same command again is all cached, compare and report included (the first
+    run made its model champion)."""
     from markdown_it import MarkdownIt
 
     options = dict(until="report", per_class=20, backbone="convnext_narrow", weights="none", image_size=32, epochs=1,
-                   head="ages", explain_images=1, feature_images=1, attention_images=2, faithfulness_steps=2,
+                   head=head, explain_images=1, feature_images=1, attention_images=2, faithfulness_steps=2,
                    embed_images=60, tsne_perplexity=5.0)
     first = run(small_cacd / "celebrity2000_meta.mat", tmp_path / "o", **options)
     assert set(states(first).values()) == {"Completed"}
     assert first["stages"]["compare"]["summary"]["decision"] == "promote"
     explained = first["stages"]["explain"]["summary"]
     assert set(explained["predicted"].values()) <= set(first["stages"]["extract"]["summary"]["per_class"])
+    predictions = pd.read_parquet(first["stages"]["evaluate"]["outputs"]["predictions"])
+    probs = predictions.filter(like="prob_").to_numpy()
+    assert probs.shape[1] == len(first["stages"]["extract"]["summary"]["per_class"])
+    np.testing.assert_allclose(probs.sum(1), 1, atol=1e-4)
     again = run(small_cacd / "celebrity2000_meta.mat", tmp_path / "o", **options)
     assert set(states(again).values()) == {"Cached"}, states(again)
     # Text in the report is escaped once: a renderer shows no entity as written (such as &#x27; for ').

@@ -53,7 +53,7 @@ def test_odd_files_are_named_with_their_reason_and_faces_scored(tmp_path):
         assert row["model"] == "d" * 16 and row["temperature"] == 1.0
 
 
-def test_temperature_and_the_ages_head_reach_every_output(tmp_path):
+def test_temperature_and_the_ages_and_corn_heads_reach_every_output(tmp_path):
     files = [str(face(tmp_path / f"{i}.png", seed=i)) for i in range(3)]
     sharp, _ = score(files, scorer(temperature=1.0), detect=False, progress=False)
     soft, _ = score(files, scorer(temperature=50.0), detect=False, progress=False)
@@ -63,6 +63,11 @@ def test_temperature_and_the_ages_head_reach_every_output(tmp_path):
     ages, _ = score(files, scorer("ages"), detect=False, progress=False)
     assert all(0 <= r["expected_age"] <= 100 for r in ages)
     assert all(sum(r[f"prob_{c}"] for c in CLASSES) == pytest.approx(1, abs=1e-3) for r in ages)
+    ranks, _ = score(files, scorer("corn"), detect=False, progress=False, explain=tmp_path / "why")
+    for r in ranks:  # five rank outputs become six decades' probabilities, and an explanation per face
+        probs = [r[f"prob_{c}"] for c in CLASSES]
+        assert sum(probs) == pytest.approx(1, abs=1e-3) and r["decade"] == CLASSES[int(np.argmax(probs))]
+        assert 15 <= r["expected_age"] <= 65 and Path(r["explanation"]).is_file()
 
 
 def test_tables_are_written_as_asked_and_the_cli_says_what_is_missing(tmp_path, capsys):

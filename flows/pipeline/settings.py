@@ -66,10 +66,10 @@ class RunSettings(BaseModel):
         "reference", description="how to train: reference (the notebook's Adam at a constant rate), adamw (AdamW, "
                                  "warm-up and cosine decay, flip at test), modern (adamw plus label smoothing, strong "
                                  "augmentation, weight averaging) or mixup (modern plus mixup, for long trainings)")
-    head: Literal["auto", "classes", "ages"] = Field("classes", description="classes: one output per decade; ages: one "
-                                                                            "per year of age (soft labels), decades by "
-                                                                            "summing years; auto: ages where the data has "
-                                                                            "ages")
+    head: Literal["auto", "classes", "ages", "corn"] = Field(
+        "classes", description="classes: one output per decade; ages: one per year of age (soft labels), decades by "
+                               "summing years; corn: decades as ranks (CORN: one 'older than' output per decade "
+                               "boundary); auto: ages where the data has ages")
     max_steps: int | None = Field(None, ge=1, le=10**9, description="at most this many batches per epoch, of training and "
                                                           "of validation (benchmarks and smoke runs)")
     image_size: int = Field(224, ge=16, le=1024, description="images are resized to this square size")

@@ -191,7 +191,7 @@ def score(paths: list[str], scorer: Scorer, detect: bool = True, face_model: str
         if not pending:
             return
         crops = np.stack([c for c, _ in pending])
-        probs = predict(scorer.model, crops, np.arange(len(crops)), scorer.runtime, batch_size,
+        probs = predict(scorer.model, crops, np.arange(len(crops)), scorer.runtime, batch_size, scorer.head,
                         scorer.facts["temperature"], scorer.facts["tta"])
         classes, ages = scorer.head.class_probs(probs), scorer.head.expected_age(probs)
         if explain is not None:
@@ -248,7 +248,8 @@ def _explain(scorer: Scorer, crops: np.ndarray, where: list[dict], folder: Path)
 
     folder.mkdir(parents=True, exist_ok=True)
     layer = cam_layer_of(scorer.model, "auto", scorer.facts["image_size"])
-    maps, _, _ = cam_maps(scorer.model, model_input(torch.from_numpy(crops), scorer.runtime), layer, ["grad_cam"])
+    with scorer.head.scored(scorer.model) as model:
+        maps, _, _ = cam_maps(model, model_input(torch.from_numpy(crops), scorer.runtime), layer, ["grad_cam"])
     for crop, heat, w in zip(crops, maps["grad_cam"].cpu().numpy(), where):
         # The path's digest keeps photos of one name in different folders apart.
         digest = hashlib.sha256(w["file"].encode("utf-8", "surrogateescape")).hexdigest()[:8]

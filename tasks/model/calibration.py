@@ -6,15 +6,16 @@ from __future__ import annotations
 
 import numpy as np
 from scipy.optimize import minimize_scalar
-from scipy.special import log_softmax, softmax
+import torch
+from scipy.special import softmax
 
 BINS = 15  # Guo et al.'s
 
 
 def class_log_probs(logits: np.ndarray, head, temperature: float) -> np.ndarray:
-    """log P(class) under softmax(logits / T), through the head (years summed into decades)."""
-    if head.kind == "classes":
-        return log_softmax(logits / temperature, axis=1)
+    """log P(class) at temperature T, through the head (years summed into decades)."""
+    if head.kind != "ages":
+        return head.log_probabilities(torch.from_numpy(np.asarray(logits)), temperature).double().numpy()
     return np.log(np.clip(head.class_probs(softmax(logits / temperature, axis=1)), 1e-12, None))
 
 

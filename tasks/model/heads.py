@@ -5,13 +5,18 @@
     plus the error of the expected age (DLDL-v2, Gao et al. 2018); a decade's probability is the
     sum of its years' (years outside the data's decades go to the nearest one), and the estimate
     in years is the expected value. Needs ages in the data (CACD or a CSV with ages).
+  * `corn`: the decades as ranks (CORN, Shi, Cao and Raschka 2021): K-1 outputs, output k the
+    logit of P(decade > k | decade > k-1), each trained only on the images that reach it, so the
+    probabilities of "older than" never rise with the rank. A decade's probability is the chance
+    of passing every rank below it and stopping at its own. Needs decade classes (an order).
 
-Either way every output's probability is softmax(logits / temperature), the temperature fitted on
-validation (tasks/model/calibration.py).
+Probabilities come from the logits divided by a temperature fitted on validation
+(tasks/model/calibration.py): softmax for `classes` and `ages`, the rank chain for `corn`.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,11 +31,30 @@ SIGMA = 2.0  # years: the soft label's spread (DLDL-v2's choice)
 
 @dataclass(frozen=True)
 class Head:
-    kind: str  # "classes" or "ages"
+    kind: str  # "classes", "ages" or "corn"
     classes: tuple[str, ...]
 
     @property
     def outputs(self) -> int:
+        """The model's last layer's width."""
+        return {"ages": len(AGES), "corn": len(self.classes) - 1}.get(self.kind, len(self.classes))
+
+    def log_probabilities(self, logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        """log P of what the head predicts: the classes (`classes`, `corn`) or the years (`ages`)."""
+        logits = logits.float() / temperature
+        return corn_log_probs(logits) if self.kind == "corn" else F.log_softmax(logits, 1)
+
+    def probabilities(self, logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        return self.log_probabilities(logits, temperature).exp()
+
+    def scored(self, model: torch.nn.Module):
+        """A context in which `model` returns one score per class or year (what explanations and
+        probabilities are taken of): its logits, or for `corn` the classes' log-probabilities."""
+        return _corn_scores(model) if self.kind == "corn" else contextlib.nullcontext(model)
+
+    @property
+    def scores(self) -> int:
+        """How many scores `scored` gives: one per year (`ages`) or per class."""
         return len(AGES) if self.kind == "ages" else len(self.classes)
 
     @property
@@ -61,6 +85,8 @@ class Head:
         logits = logits.float()
         if self.kind == "classes":
             return F.cross_entropy(logits, target, label_smoothing=label_smoothing)
+        if self.kind == "corn":
+            return corn_loss(logits, target, label_smoothing)
         return self.soft_loss(logits, self.soft_labels(target))
 
     def soft_labels(self, ages: torch.Tensor) -> torch.Tensor:
@@ -77,8 +103,8 @@ class Head:
         return -(soft * log_probs).sum(1).mean() + (expected - truth).abs().mean()
 
     def class_probs(self, probs: np.ndarray) -> np.ndarray:
-        """(N, outputs) probabilities -> (N, classes) probabilities."""
-        if self.kind == "classes":
+        """Probabilities from `probabilities` -> (N, classes) probabilities."""
+        if self.kind != "ages":
             return probs
         summed = np.zeros((len(probs), len(self.classes)), dtype=np.float64)
         np.add.at(summed.T, self.year_to_class(), probs.T)
@@ -93,6 +119,33 @@ class Head:
         return None if middles is None else probs @ middles
 
 
+def corn_loss(logits: torch.Tensor, classes: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """CORN's loss: output k is a binary "above rank k" trained on the images of rank >= k only
+    (coral-pytorch's corn_loss, without its loop over ranks); smoothing pulls its targets off 0 and 1."""
+    ranks = torch.arange(logits.shape[1], device=logits.device)
+    asked = classes[:, None] >= ranks[None, :]
+    above = (classes[:, None] > ranks[None, :]).float() * (1 - label_smoothing) + label_smoothing / 2
+    losses = F.binary_cross_entropy_with_logits(logits, above, reduction="none")
+    return (losses * asked).sum() / asked.sum().clamp_min(1)
+
+
+def corn_log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """(N, K-1) CORN logits -> (N, K) log P(class): log P(passing ranks 0..k-1) + log P(stopping at k),
+    in log space so that explanations get gradients where a probability underflows."""
+    passed = F.pad(torch.cumsum(F.logsigmoid(logits), 1), (1, 0))
+    stopped = F.pad(F.logsigmoid(-logits), (0, 1))
+    return passed + stopped
+
+
+@contextlib.contextmanager
+def _corn_scores(model: torch.nn.Module):
+    handle = model.register_forward_hook(lambda module, inputs, output: corn_log_probs(output.float()))
+    try:
+        yield model
+    finally:
+        handle.remove()
+
+
 def head_for(kind: str, classes: list[str], has_ages: bool) -> Head:
     """The head a run trains: `auto` means ages where the data has ages and the classes are decades."""
     from agelens.tasks.core.errors import DataError
@@ -103,4 +156,7 @@ def head_for(kind: str, classes: list[str], has_ages: bool) -> Head:
     if kind == "ages" and not (has_ages and decades):
         raise DataError("--head ages needs ages in the data (CACD, or a CSV with ages) and decade classes; "
                         "label folders have neither: use --head classes")
+    if kind == "corn" and not decades:
+        raise DataError(f"--head corn ranks decades, and these classes are not decades ({', '.join(classes[:4])}"
+                        f"{', ...' if len(classes) > 4 else ''}): use --head classes")
     return Head(kind, tuple(classes))

@@ -158,11 +158,11 @@ def predict_logits(model, array: np.ndarray, rows: np.ndarray, runtime: Runtime,
     return _in_order(torch.cat(found).numpy(), rows, batch_size)
 
 
-def predict(model, array: np.ndarray, rows: np.ndarray, runtime: Runtime, batch_size: int,
+def predict(model, array: np.ndarray, rows: np.ndarray, runtime: Runtime, batch_size: int, head,
             temperature: float = 1.0, tta: bool = False) -> np.ndarray:
-    """Probabilities of the model's outputs (len(rows), outputs), softmax(logits / temperature)."""
+    """The head's probabilities (len(rows), classes or years) at `temperature`."""
     logits = predict_logits(model, array, rows, runtime, batch_size, tta)
-    return torch.softmax(torch.from_numpy(logits) / temperature, 1).numpy()
+    return head.probabilities(torch.from_numpy(logits), temperature).numpy()
 
 
 @torch.no_grad()

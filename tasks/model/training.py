@@ -169,7 +169,7 @@ def train_one_epoch(model, array: np.ndarray, targets: np.ndarray, labels: np.nd
         if averaged is not None:
             averaged.update(model)
         total_loss += loss.item() * len(rows)
-        predicted = head.class_probs(torch.softmax(logits.detach().float(), 1).cpu().numpy()).argmax(1)
+        predicted = head.class_probs(head.probabilities(logits.detach()).cpu().numpy()).argmax(1)
         correct += int((predicted == labels[rows]).sum())
         seen += len(rows)
     return {"loss": total_loss / seen, "acc": correct / seen, "images": seen}
@@ -179,7 +179,7 @@ def evaluate(model, array: np.ndarray, labels: np.ndarray, rows: np.ndarray, run
              head: Head, tta: bool = False) -> dict:
     """Validation loss (the negative log-likelihood of the true class) and accuracy."""
     logits = predict_logits(model, array, rows, runtime, batch_size, tta)
-    probs = head.class_probs(torch.softmax(torch.from_numpy(logits), 1).numpy())
+    probs = head.class_probs(head.probabilities(torch.from_numpy(logits)).numpy())
     actual = labels[rows]
     picked = np.clip(probs[np.arange(len(rows)), actual], 1e-12, None)
     return {"loss": float(-np.log(picked).mean()), "acc": float((probs.argmax(1) == actual).mean())}
