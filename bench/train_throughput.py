@@ -368,6 +368,10 @@ def main() -> None:
         ratio = median["now, reference recipe"] / median["notebook"]
         target = 3.0 if runtime.device.type == "cuda" else 1.5
         print(f"ratio:     agelens / notebook {ratio:.2f}x (target >= {target}x: {'met' if ratio >= target else 'NOT met'})")
+    if repeats > 1:  # each repeat's loops ran minutes apart at most: its ratio shows how much the machine moved
+        paired = [now / before for now, before in zip(rates["now"], rates["before"])]
+        print(f"paired:    now / before in each repeat {', '.join(f'{r:.2f}' for r in paired)} "
+              f"(median {statistics.median(paired):.2f})")
     print(f"step speed-up: {speedup:.2f} (target >= 1.4: {'met' if speedup >= 1.4 else 'NOT met'})")
 
 
