@@ -5,18 +5,18 @@ reliability diagram's bins."""
 from __future__ import annotations
 
 import numpy as np
-from scipy.optimize import minimize_scalar
 import torch
-from scipy.special import softmax
+from scipy.optimize import minimize_scalar
 
 BINS = 15  # Guo et al.'s
 
 
 def class_log_probs(logits: np.ndarray, head, temperature: float) -> np.ndarray:
     """log P(class) at temperature T, through the head (years summed into decades)."""
+    logits = torch.from_numpy(np.asarray(logits))
     if head.kind != "ages":
-        return head.log_probabilities(torch.from_numpy(np.asarray(logits)), temperature).double().numpy()
-    return np.log(np.clip(head.class_probs(softmax(logits / temperature, axis=1)), 1e-12, None))
+        return head.log_probabilities(logits, temperature).double().numpy()
+    return np.log(np.clip(head.class_probs(head.probabilities(logits, temperature).numpy()), 1e-12, None))
 
 
 def nll(logits: np.ndarray, labels: np.ndarray, head, temperature: float) -> float:
