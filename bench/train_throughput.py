@@ -7,7 +7,7 @@ now:       the training stage's step (tasks/model/training.py): fused optimiser,
            in one call, convolutions on maps of at most 3x3 in NCHW with matrix-multiply
            gradients and on 4x4 maps in NCHW (tasks/model/smallmaps.py), bf16 only where this CPU's bf16
            matrix multiply is measured faster than its fp32 one, glibc's allocator keeping the
-           step's memory (tasks/model/heap.py), a ResNet's stem ReLU after its max pool
+           step's memory (tasks/model/heap.py), a ResNet's stem normalising after its max pool
            (tasks/model/stem.py).
 ceiling:   the same model (small maps included), precision, layout and allocator setting on
            synthetic tensors already on the device: what training costs with a free data path

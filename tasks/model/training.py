@@ -27,7 +27,7 @@ from agelens.tasks.model.heap import kept_heap
 from agelens.tasks.model.inference import Runtime, normalise, predict_logits, prepare, to_float
 from agelens.tasks.model.recipes import Recipe
 from agelens.tasks.model.smallmaps import for_small_maps
-from agelens.tasks.model.stem import relu_after_stem_pool
+from agelens.tasks.model.stem import norm_after_stem_pool
 
 BRIGHTNESS = CONTRAST = 0.2  # the reference's ColorJitter(0.2, 0.2)
 SATURATION = 0.2  # the strong policy's, in addition
@@ -234,7 +234,7 @@ def optimiser(model: torch.nn.Module, recipe: Recipe, lr: float, total_steps: in
 def for_training(model: torch.nn.Module, runtime: Runtime, image_size: int) -> torch.nn.Module:
     """`model` on the runtime's device and layout, in the form that trains fastest there: the same
     function and state-dict keys."""
-    return relu_after_stem_pool(for_small_maps(prepare(model, runtime), image_size))
+    return norm_after_stem_pool(for_small_maps(prepare(model, runtime), image_size))
 
 
 def fit(model, array: np.ndarray, targets: np.ndarray, labels: np.ndarray, train_rows: np.ndarray,
