@@ -1,14 +1,15 @@
 """Training throughput against the machine's limit, and the training step now against before.
 
-before:    the training step as it was (the plain eager loop): augmentation inline, the optimiser's
-           per-parameter loop, the moving average tensor by tensor, bf16 wherever the CPU has it
-           natively (faster or not).
+before:    the training step as it was (the plain eager loop): augmentation inline as it was
+           (bench/step_as_it_was.py), the optimiser's per-parameter loop, the moving average tensor
+           by tensor, bf16 wherever the CPU has it natively (faster or not).
 now:       the training stage's step (tasks/model/training.py): fused optimiser, the moving average
            in one call, convolutions on maps of at most 3x3 in NCHW with matrix-multiply
            gradients and on 4x4 maps in NCHW (tasks/model/smallmaps.py), bf16 only where this CPU's bf16
            matrix multiply is measured faster than its fp32 one, glibc's allocator keeping the
            step's memory (tasks/model/heap.py), a ResNet's stem normalising after its max pool
-           (tasks/model/stem.py).
+           (tasks/model/stem.py), where bf16 runs on AMX convolutions on maps of at most 5x5 by
+           matrix multiply, augmentation in one pass per step with the flip in the crop's map.
 ceiling:   the same model (small maps included), precision, layout and allocator setting on
            synthetic tensors already on the device: what training costs with a free data path
            (the model-only ratio).
@@ -163,8 +164,8 @@ def before_loop(array: np.ndarray, labels: np.ndarray, backbone, batch_size, ste
     """(images, seconds) of the training step as it was: the same work per image as the stage's
     (same model, precision, layout, recipe, batch), done the plain eager way."""
     from agelens.tasks.data.arrays import batches
-    from agelens.tasks.model.inference import normalise, to_float
-    from agelens.tasks.model.training import augment
+    from agelens.tasks.model.inference import to_float
+    from bench.step_as_it_was import augment_as_it_was, normalise_as_it_was
 
     torch.manual_seed(0)
     model = prepare(build_model(backbone, 6, image_size=array.shape[1]), runtime).train()
@@ -182,7 +183,7 @@ def before_loop(array: np.ndarray, labels: np.ndarray, backbone, batch_size, ste
         if step == 1:
             _sync(runtime.device)
             began = time.perf_counter()
-        x = normalise(augment(to_float(batch, runtime), generator, recipe.augment))
+        x = normalise_as_it_was(augment_as_it_was(to_float(batch, runtime), generator, recipe.augment))
         y = torch.from_numpy(labels[rows]).to(runtime.device)
         with runtime.autocast():
             logits = model(x)

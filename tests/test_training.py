@@ -93,6 +93,35 @@ def test_augment_draws_per_image_and_is_seeded():
     assert a.min() >= 0 and a.max() <= 1
 
 
+def test_the_strong_policy_is_its_per_image_definition_in_torchvisions_ops():
+    """Flip, crop (scale and shift), brightness, contrast, saturation and erasing, drawn per image
+    from the same generator, against torchvision's functional ops applied image by image."""
+    from torchvision.transforms import functional as TF
+
+    from agelens.tasks.model.training import CONTRAST, ERASE, SATURATION, SCALE
+
+    x = torch.rand(48, 3, 20, 20).contiguous(memory_format=torch.channels_last)
+    got = augment(x.clone(), torch.Generator().manual_seed(3), "strong")
+    generator = torch.Generator().manual_seed(3)
+    draws = torch.rand(48, 10, generator=generator)
+    erased = torch.rand(48, generator=generator) < ERASE
+    assert 0 < int(erased.sum()) < 48 and 0 < int((draws[:, 0] < 0.5).sum()) < 48  # both branches are exercised
+    for i, (image, d) in enumerate(zip(x, draws)):
+        image = image.flip(2) if d[0] < 0.5 else image
+        scale = SCALE[0] + (SCALE[1] - SCALE[0]) * d[3]
+        theta = torch.tensor([[scale, 0, (1 - scale) * (2 * d[4] - 1)], [0, scale, (1 - scale) * (2 * d[5] - 1)]])
+        grid = torch.nn.functional.affine_grid(theta[None], [1, 3, 20, 20], align_corners=False)
+        image = torch.nn.functional.grid_sample(image[None], grid, padding_mode="reflection", align_corners=False)[0]
+        image = TF.adjust_brightness(image, float(1 + 0.2 * (2 * d[1] - 1)))
+        image = TF.adjust_contrast(image, float(1 + CONTRAST * (2 * d[2] - 1)))
+        image = TF.adjust_saturation(image, float(1 + SATURATION * (2 * d[6] - 1)))
+        if erased[i]:
+            side = int((0.02 + 0.13 * d[7]).sqrt() * 20)
+            image = TF.erase(image, int(d[8] * (20 - side)), int(d[9] * (20 - side)), side, side, torch.tensor(0.5))
+        # torchvision's greyscale weighs red 0.2989 where ITU-R 601 (and ours) has 0.299
+        assert (got[i] - image).abs().max() < 2e-3, (i, (got[i] - image).abs().max())
+
+
 def test_progressive_sizes_grow_in_steps_of_8_to_the_full_size_by_three_quarters_of_the_epochs():
     sizes = [epoch_image_size(e, 24, 80, 56) for e in range(1, 25)]
     assert sizes[0] == 56 and sizes[17:] == [80] * 7 and sizes[16] == 72  # full from epoch 18 = 0.75 * 24
