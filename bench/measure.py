@@ -1,5 +1,6 @@
-"""What every benchmark shares: the machine it ran on, repeated timings summarised as median
-(min-max), anonymous memory of a process tree, and a memory cgroup to run large checks in."""
+"""What every benchmark shares: the machine it ran on (and its instruction sets and matrix-multiply
+peak), a model's FLOPs per image, repeated timings summarised as median (min-max), anonymous
+memory of a process tree, and a memory cgroup to run large checks in."""
 
 from __future__ import annotations
 
@@ -19,6 +20,52 @@ def machine() -> str:
                platform.processor() or platform.machine())
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return f"{cpu}, {os.cpu_count()} cores, {memory:.0f} GiB, Python {platform.python_version()}"
+
+
+def cpu_features() -> str:
+    try:
+        flags = set(next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split())
+    except (OSError, StopIteration):
+        return "features unknown"
+    named = [name for flag, name in (("avx2", "AVX2"), ("avx512f", "AVX-512"), ("avx512_bf16", "AVX512-BF16"),
+                                     ("amx_tile", "AMX")) if flag in flags]
+    return ", ".join(named) or "no AVX2"
+
+
+def flops_per_image(backbone: str, size: int) -> tuple[float, float]:
+    """(forward, training step) FLOPs per image of a 6-class model, counted by torch (a multiply-add is two)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from agelens.tasks.model.backbones import build_model
+
+    model = build_model(backbone, 6, image_size=size)
+    x = torch.randn(4, 3, size, size)
+    with FlopCounterMode(display=False) as counted:
+        model(x)
+    forward = counted.get_total_flops() / 4
+    with FlopCounterMode(display=False) as counted:
+        model(x).sum().backward()
+    return forward, counted.get_total_flops() / 4
+
+
+def peak_gflops(dtype, device, n: int = 2048, repeats: int = 10) -> float:
+    """GFLOP/s of an n x n matrix multiply on this device and its threads."""
+    import torch
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+    for _ in range(3):
+        a @ b
+    sync()
+    began = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    sync()
+    return 2 * n ** 3 * repeats / (time.perf_counter() - began) / 1e9
 
 
 def spread(values: list[float], unit: str = "", digits: int = 2) -> str:

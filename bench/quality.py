@@ -1,7 +1,10 @@
 """How good a training recipe is on real faces: each setting trained from scratch (or as given) on
 the same data with the same fixed test split, through `agelens run`, and its test metrics with
-95% bootstrap intervals, its training time and images per second. On 750 test images a 2-point
-difference in accuracy is noise; the intervals say how much is not.
+95% bootstrap intervals, its training time and images per second, and what those images per
+second are in GFLOP/s (the model's FLOPs per training image, counted by torch.utils.flop_counter)
+and as a share of this machine's peak (a 2048 x 2048 matrix multiply in the precision the run
+trained in). On 750 test images a 2-point difference in accuracy is noise; the intervals say how
+much is not.
 
     .venv/bin/python bench/quality.py                          # the demo preset against the cpu preset
     .venv/bin/python bench/quality.py --setting reference --setting "modern:--lr 1e-3 --head ages"
@@ -24,10 +27,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.measure import machine  # noqa: E402
+from bench.measure import cpu_features, flops_per_image, machine, peak_gflops  # noqa: E402
 
 FAIRFACE = REPO.parent / "shared" / "data" / "fairface" / "labels.csv"
 BASE = ["--preset", "demo", "--per-class", "all", "--split-by", "image", "--test-frac", "0.1", "--weights", "none",
@@ -53,6 +58,7 @@ def run_setting(setting: str, data: Path, out: Path, quick: bool) -> dict:
             "split": split, "metrics": evaluate[split], "training_seconds": train["training_seconds"],
             "images_per_s": train["train_images_per_s"], "epochs": train["epochs"], "best_epoch": train["best_epoch"],
             "train_images": train["train_images"], "classes": len(result["stages"]["extract"]["summary"]["per_class"]),
+            "bf16": train.get("bf16", False), "device": train.get("device", "cpu"),
             "wall_seconds": round(time.monotonic() - began, 1), "settings": result["settings"]}
 
 
@@ -60,15 +66,31 @@ def _ci(value, bounds, digits=3) -> str:
     return "n/a" if value is None else f"{value:.{digits}f} [{bounds[0]:.{digits}f}, {bounds[1]:.{digits}f}]"
 
 
+def add_compute(rows: list[dict]) -> dict[str, float]:
+    """Each row's training FLOPs per image, GFLOP/s and share of the peak of the precision it
+    trained in; returns the peaks (measured once each, after the runs, on an idle machine)."""
+    peaks: dict[str, float] = {}
+    for r in rows:
+        precision = "bf16" if r["bf16"] else "fp32"
+        if precision not in peaks:
+            peaks[precision] = peak_gflops(torch.bfloat16 if r["bf16"] else torch.float32, torch.device(r["device"]))
+        r["train_gflop_per_image"] = flops_per_image(r["settings"]["backbone"], r["settings"]["image_size"])[1] / 1e9
+        r["gflops"] = r["images_per_s"] * r["train_gflop_per_image"]
+        r["peak_share"] = r["gflops"] / peaks[precision]
+        r["precision"] = precision
+    return peaks
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| setting | test images | accuracy | macro-F1 | within one decade | MAE (years) | training s | img/s | "
-             "kept epoch |", "|---|---|---|---|---|---|---|---|---|"]
+             "GFLOP/s (share of peak) | kept epoch |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         m = r["metrics"]
         lines.append(f"| `{r['setting']}` | {m['images']} | {_ci(m['accuracy'], m['accuracy_ci'])} | "
                      f"{_ci(m['macro_f1'], m['macro_f1_ci'])} | {_ci(m['within_one'], m['within_one_ci'])} | "
                      f"{_ci(m['mae_years'], m['mae_years_ci'], 2)} | {r['training_seconds']:.0f} | "
-                     f"{r['images_per_s']:.0f} | {r['best_epoch']} of {r['epochs']} |")
+                     f"{r['images_per_s']:.0f} | {r['gflops']:.0f} ({r['peak_share']:.0%} of {r['precision']}) | "
+                     f"{r['best_epoch']} of {r['epochs']} |")
     return "\n".join(lines)
 
 
@@ -93,7 +115,13 @@ def main() -> None:
             rows.append(run_setting(setting, args.data, out, args.quick))
             print(f"{setting}: {rows[-1]['split']} accuracy {rows[-1]['metrics']['accuracy']:.3f} in "
                   f"{rows[-1]['training_seconds']:.0f} s of training", flush=True)
-    print(f"\nmachine: {machine()}\ndata: {args.data}\nsame split for every setting: "
+    peaks = add_compute(rows)
+    print(f"\nmachine: {machine()}; {cpu_features()}; torch {torch.__version__}, {torch.get_num_threads()} threads\n"
+          "peak: " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items())
+          + " (2048 x 2048 matrix multiply); FLOPs per training image: "
+          + ", ".join(sorted({f"{r['settings']['backbone']} at {r['settings']['image_size']} px "
+                              f"{r['train_gflop_per_image']:.3f} GFLOP" for r in rows}))
+          + f"\ndata: {args.data}\nsame split for every setting: "
           f"{len({json.dumps({k: r['settings'][k] for k in ('data', 'seed', 'split_by', 'test_frac')}) for r in rows}) == 1}\n")
     print(table(rows))
     if len(rows) >= 2:

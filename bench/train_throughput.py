@@ -50,7 +50,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.measure import machine, spread  # noqa: E402
+from bench.measure import cpu_features, flops_per_image, machine, peak_gflops, spread  # noqa: E402
 from agelens.tasks.data.decoding import decode_into  # noqa: E402
 from agelens.tasks.data.demo import DemoSpec, write_demo  # noqa: E402
 from agelens.tasks.model.inference import IMAGENET_MEAN, IMAGENET_STD, Runtime, native_bf16_cpu, prepare  # noqa: E402
@@ -202,43 +202,6 @@ def before_loop(array: np.ndarray, labels: np.ndarray, backbone, batch_size, ste
         seen += len(rows) if step >= 1 else 0
     _sync(runtime.device)
     return seen, time.perf_counter() - began
-
-
-def flops_per_image(backbone: str, size: int) -> tuple[float, float]:
-    """(forward, training step) FLOPs per image, counted by torch (a multiply-add is two)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    model = build_model(backbone, 6, image_size=size)
-    x = torch.randn(4, 3, size, size)
-    with FlopCounterMode(display=False) as counted:
-        model(x)
-    forward = counted.get_total_flops() / 4
-    with FlopCounterMode(display=False) as counted:
-        model(x).sum().backward()
-    return forward, counted.get_total_flops() / 4
-
-
-def peak_gflops(dtype: torch.dtype, device: torch.device, n: int = 2048, repeats: int = 10) -> float:
-    """GFLOP/s of an n x n matrix multiply on this device and its threads."""
-    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
-    for _ in range(3):
-        a @ b
-    _sync(device)
-    began = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    _sync(device)
-    return 2 * n ** 3 * repeats / (time.perf_counter() - began) / 1e9
-
-
-def cpu_features() -> str:
-    try:
-        flags = set(next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split())
-    except (OSError, StopIteration):
-        return "features unknown"
-    named = [name for flag, name in (("avx2", "AVX2"), ("avx512f", "AVX-512"), ("avx512_bf16", "AVX512-BF16"),
-                                     ("amx_tile", "AMX")) if flag in flags]
-    return ", ".join(named) or "no AVX2"
 
 
 def ceiling_loop(backbone, size, batch_size, steps, runtime, recipe_name: str) -> tuple[int, float]:
