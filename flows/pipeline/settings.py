@@ -19,9 +19,9 @@ from agelens.tasks.core.errors import ConfigError
 PRESETS: dict[str, dict] = {
     # The reference's pipeline with ConvNeXt-Tiny's layout at 1/8 width at 64 px: minutes on a 2-core CPU.
     "demo": {"backbone": "convnext_narrow", "image_size": 64, "epochs": 12, "lr": 3e-4},
-    # Real faces from scratch on a 2-core CPU in under 10 minutes of training for 5,000 images (an
-    # AMD EPYC with native bf16): the best of bench/quality.py's runs on FairFace (README, "Recipes
-    # measured on real faces").
+    # Real faces from scratch on a 2-core CPU in under 10 minutes of training for 5,000 images (6 on
+    # a Xeon with AMX, 7 on an AMD EPYC, both bf16; 7-8 on a quiet Xeon in fp32): the best of
+    # bench/quality.py's runs on FairFace (README, "Recipes measured on real faces").
     "cpu": {"backbone": "resnet10", "image_size": 80, "epochs": 24, "lr": 2e-3, "batch_size": 64, "recipe": "modern",
             "weights": "none"},
 }
