@@ -70,11 +70,15 @@ def add_compute(rows: list[dict]) -> dict[str, float]:
     """Each row's training FLOPs per image, GFLOP/s and share of the peak of the precision it
     trained in; returns the peaks (measured once each, after the runs, on an idle machine)."""
     peaks: dict[str, float] = {}
+    flops: dict[tuple[str, int], float] = {}
     for r in rows:
         precision = "bf16" if r["bf16"] else "fp32"
         if precision not in peaks:
             peaks[precision] = peak_gflops(torch.bfloat16 if r["bf16"] else torch.float32, torch.device(r["device"]))
-        r["train_gflop_per_image"] = flops_per_image(r["settings"]["backbone"], r["settings"]["image_size"])[1] / 1e9
+        model = (r["settings"]["backbone"], r["settings"]["image_size"])
+        if model not in flops:
+            flops[model] = flops_per_image(*model)[1] / 1e9
+        r["train_gflop_per_image"] = flops[model]
         r["gflops"] = r["images_per_s"] * r["train_gflop_per_image"]
         r["peak_share"] = r["gflops"] / peaks[precision]
         r["precision"] = precision

@@ -7,17 +7,13 @@ import torch
 import torch.nn.functional as F
 
 from agelens.tasks.model.inference import IMAGENET_MEAN, IMAGENET_STD
-from agelens.tasks.model.training import BRIGHTNESS, CONTRAST, ERASE, SATURATION, SCALE
+from agelens.tasks.model.training import BRIGHTNESS, CONTRAST, SATURATION, SCALE, erased_boxes
 
 
 def augment_as_it_was(x: torch.Tensor, generator: torch.Generator, policy: str = "reference",
                       size: int | None = None) -> torch.Tensor:
-    """Augmentation drawn per image, on float images in [0, 1]. `reference`: random horizontal flip
-    and ColorJitter(brightness, contrast). `strong`: also saturation, a random crop of 75-100% of
-    the side at a random place (scaled back up), and random erasing. `size`: the images are first
-    resized (antialiased) to that square size. Written here because torchvision's tensor
-    transforms draw one factor per call, i.e. per batch, where the reference (PIL, per image)
-    draws one per image."""
+    """tasks/model/training.py's augment() before its one-pass rewrite: the same draws and result,
+    two or three passes over the batch per operation."""
     n = x.shape[0]
     draws = torch.rand(n, 10, generator=generator).to(x.device)
     if size is not None and tuple(x.shape[-2:]) != (size, size):
@@ -41,17 +37,7 @@ def augment_as_it_was(x: torch.Tensor, generator: torch.Generator, policy: str =
         saturation = (1 + SATURATION * (2 * draws[:, 6] - 1)).view(n, 1, 1, 1)
         grey = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
         x = ((x - grey) * saturation + grey).clamp_(0, 1)
-        h, w = x.shape[-2:]
-        area = 0.02 + 0.13 * draws[:, 7]
-        side_h, side_w = (area.sqrt() * h).long().clamp(min=1), (area.sqrt() * w).long().clamp(min=1)
-        top = (draws[:, 8] * (h - side_h)).long()
-        left = (draws[:, 9] * (w - side_w)).long()
-        rows = torch.arange(h, device=x.device).view(1, h, 1)
-        cols = torch.arange(w, device=x.device).view(1, 1, w)
-        box = ((rows >= top.view(n, 1, 1)) & (rows < (top + side_h).view(n, 1, 1))
-               & (cols >= left.view(n, 1, 1)) & (cols < (left + side_w).view(n, 1, 1)))
-        erase = (torch.rand(n, generator=generator).to(x.device) < ERASE).view(n, 1, 1)
-        x = torch.where((box & erase).unsqueeze(1), torch.full_like(x, 0.5), x)
+        x = torch.where(erased_boxes(draws, generator, *x.shape[-2:]), torch.full_like(x, 0.5), x)
     return x
 
 

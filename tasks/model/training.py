@@ -67,18 +67,24 @@ def augment(x: torch.Tensor, generator: torch.Generator, policy: str = "referenc
         saturation = (1 + SATURATION * (2 * draws[:, 6] - 1)).view(n, 1, 1, 1)
         grey = torch.add(x[:, 0] * GREY[0], x[:, 1], alpha=GREY[1]).add_(x[:, 2], alpha=GREY[2]).unsqueeze(1)
         x = torch.lerp(grey, x, saturation).clamp_(0, 1)
-        h, w = x.shape[-2:]
-        area = 0.02 + 0.13 * draws[:, 7]
-        side_h, side_w = (area.sqrt() * h).long().clamp(min=1), (area.sqrt() * w).long().clamp(min=1)
-        top = (draws[:, 8] * (h - side_h)).long()
-        left = (draws[:, 9] * (w - side_w)).long()
-        rows = torch.arange(h, device=x.device).view(1, h, 1)
-        cols = torch.arange(w, device=x.device).view(1, 1, w)
-        box = ((rows >= top.view(n, 1, 1)) & (rows < (top + side_h).view(n, 1, 1))
-               & (cols >= left.view(n, 1, 1)) & (cols < (left + side_w).view(n, 1, 1)))
-        erase = (torch.rand(n, generator=generator).to(x.device) < ERASE).view(n, 1, 1)
-        x = x.masked_fill_((box & erase).unsqueeze(1), 0.5)
+        x = x.masked_fill_(erased_boxes(draws, generator, *x.shape[-2:]), 0.5)
     return x
+
+
+def erased_boxes(draws: torch.Tensor, generator: torch.Generator, h: int, w: int) -> torch.Tensor:
+    """The strong policy's random erasing: (N, 1, h, w), true inside each erased image's rectangle
+    of 2-15% of the image (draws 7-9 place it; one more draw per image decides whether to erase)."""
+    n = draws.shape[0]
+    area = 0.02 + 0.13 * draws[:, 7]
+    side_h, side_w = (area.sqrt() * h).long().clamp(min=1), (area.sqrt() * w).long().clamp(min=1)
+    top = (draws[:, 8] * (h - side_h)).long()
+    left = (draws[:, 9] * (w - side_w)).long()
+    rows = torch.arange(h, device=draws.device).view(1, h, 1)
+    cols = torch.arange(w, device=draws.device).view(1, 1, w)
+    box = ((rows >= top.view(n, 1, 1)) & (rows < (top + side_h).view(n, 1, 1))
+           & (cols >= left.view(n, 1, 1)) & (cols < (left + side_w).view(n, 1, 1)))
+    erase = (torch.rand(n, generator=generator).to(draws.device) < ERASE).view(n, 1, 1)
+    return (box & erase).unsqueeze(1)
 
 
 def _crop_grid(scale_x: torch.Tensor, shift_x: torch.Tensor, scale_y: torch.Tensor, shift_y: torch.Tensor,
